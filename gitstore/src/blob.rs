@@ -1,0 +1,240 @@
+//! The blob store: where every project durably lives, and the key layout inside it.
+//!
+//! Layout (all keys under the store URL's prefix):
+//! - `clients/<id>.json`: an API client and its token hash
+//! - `projects/<p>/owner.json`: which client created the project (written once, with Create)
+//! - `projects/<p>/manifests/<generation:020>.json`: refs and pack list; generation N+1 is claimed
+//!   with a Create, so exactly one writer wins it on every backend, the local filesystem included
+//! - `projects/<p>/packs/<pack-name>.{pack,idx}`: immutable packs, named by git's pack checksum
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::TryStreamExt;
+use object_store::{path::Path, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
+
+use crate::project::ProjectId;
+
+/// A handle on the blob store chosen by URL. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct BlobStore {
+    inner: Arc<dyn ObjectStore>,
+    url: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("invalid blob store URL {url:?}: {reason}")]
+    InvalidUrl { url: String, reason: String },
+    #[error("blob store: {op} {key}: {source}")]
+    Backend {
+        op: &'static str,
+        key: String,
+        #[source]
+        source: object_store::Error,
+    },
+}
+
+/// Outcome of a write that must not replace an existing object.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Created {
+    Yes,
+    AlreadyExists,
+}
+
+impl BlobStore {
+    /// Opens the store at `url`: `file:///abs/dir` (or a plain directory path), `az://container/prefix`,
+    /// `s3://bucket/prefix`, `gs://bucket/prefix` or `memory://`. Cloud credentials come from the
+    /// usual `AZURE_*`, `AWS_*` and `GOOGLE_*` environment variables, as object_store names them.
+    pub fn open(url: &str) -> Result<Self, StoreError> {
+        let invalid = |reason: String| StoreError::InvalidUrl {
+            url: url.to_owned(),
+            reason,
+        };
+        let inner: Arc<dyn ObjectStore> = if let Some(dir) = local_dir(url) {
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| invalid(format!("cannot create {}: {e}", dir.display())))?;
+            let fs = object_store::local::LocalFileSystem::new_with_prefix(&dir)
+                .map_err(|e| invalid(e.to_string()))?;
+            Arc::new(fs)
+        } else {
+            let parsed = url::Url::parse(url).map_err(|e| invalid(e.to_string()))?;
+            let opts = std::env::vars().filter_map(|(k, v)| {
+                let k = k.to_ascii_lowercase();
+                let known = ["azure_", "aws_", "google_"]
+                    .iter()
+                    .any(|p| k.starts_with(p));
+                known.then_some((k, v))
+            });
+            let (store, prefix) =
+                object_store::parse_url_opts(&parsed, opts).map_err(|e| invalid(e.to_string()))?;
+            let store: Arc<dyn ObjectStore> = Arc::from(store);
+            if prefix.as_ref().is_empty() {
+                store
+            } else {
+                Arc::new(object_store::prefix::PrefixStore::new(store, prefix))
+            }
+        };
+        Ok(Self {
+            inner,
+            url: url.to_owned(),
+        })
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    pub(crate) async fn get(&self, key: &Path) -> Result<Option<Bytes>, StoreError> {
+        match self.inner.get(key).await {
+            Ok(r) => r
+                .bytes()
+                .await
+                .map(Some)
+                .map_err(|e| backend("get", key, e)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(backend("get", key, e)),
+        }
+    }
+
+    /// Streams an object into `sink`, calling `progress` with each chunk's size.
+    pub(crate) async fn get_stream(
+        &self,
+        key: &Path,
+        mut sink: impl FnMut(&[u8]) -> std::io::Result<()>,
+    ) -> Result<(), StoreError> {
+        let r = self
+            .inner
+            .get(key)
+            .await
+            .map_err(|e| backend("get", key, e))?;
+        let mut stream = r.into_stream();
+        while let Some(chunk) = stream
+            .try_next()
+            .await
+            .map_err(|e| backend("get", key, e))?
+        {
+            sink(&chunk).map_err(|e| {
+                backend(
+                    "get",
+                    key,
+                    object_store::Error::Generic {
+                        store: "local",
+                        source: Box::new(e),
+                    },
+                )
+            })?;
+        }
+        Ok(())
+    }
+
+    pub(crate) async fn put(&self, key: &Path, data: Bytes) -> Result<(), StoreError> {
+        self.inner
+            .put(key, PutPayload::from_bytes(data))
+            .await
+            .map(|_| ())
+            .map_err(|e| backend("put", key, e))
+    }
+
+    /// Writes `data` only if nothing is at `key`: the compare-and-swap every backend supports.
+    pub(crate) async fn create(&self, key: &Path, data: Bytes) -> Result<Created, StoreError> {
+        let opts = PutOptions {
+            mode: PutMode::Create,
+            ..Default::default()
+        };
+        match self
+            .inner
+            .put_opts(key, PutPayload::from_bytes(data), opts)
+            .await
+        {
+            Ok(_) => Ok(Created::Yes),
+            Err(object_store::Error::AlreadyExists { .. }) => Ok(Created::AlreadyExists),
+            Err(e) => Err(backend("create", key, e)),
+        }
+    }
+
+    pub(crate) async fn delete(&self, key: &Path) -> Result<(), StoreError> {
+        match self.inner.delete(key).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(backend("delete", key, e)),
+        }
+    }
+
+    /// Names (last path segment) and sizes of the objects under `prefix` whose key sorts after `offset`.
+    pub(crate) async fn list(
+        &self,
+        prefix: &Path,
+        offset: Option<&Path>,
+    ) -> Result<Vec<(String, u64)>, StoreError> {
+        let stream = match offset {
+            Some(o) => self.inner.list_with_offset(Some(prefix), o),
+            None => self.inner.list(Some(prefix)),
+        };
+        let metas: Vec<_> = stream
+            .try_collect()
+            .await
+            .map_err(|e| backend("list", prefix, e))?;
+        Ok(metas
+            .into_iter()
+            .filter_map(|m| Some((m.location.filename()?.to_owned(), m.size)))
+            .collect())
+    }
+
+    /// A cheap round trip, for health checks.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        let key = Path::from("health");
+        self.inner
+            .list_with_delimiter(Some(&key))
+            .await
+            .map(|_| ())
+            .map_err(|e| backend("list", &key, e))
+    }
+}
+
+fn backend(op: &'static str, key: &Path, source: object_store::Error) -> StoreError {
+    StoreError::Backend {
+        op,
+        key: key.to_string(),
+        source,
+    }
+}
+
+fn local_dir(url: &str) -> Option<std::path::PathBuf> {
+    if let Some(rest) = url.strip_prefix("file://") {
+        return Some(rest.into());
+    }
+    (!url.contains("://")).then(|| {
+        let p = std::path::PathBuf::from(url);
+        if p.is_absolute() {
+            p
+        } else {
+            std::env::current_dir().unwrap_or_default().join(p)
+        }
+    })
+}
+
+pub(crate) mod keys {
+    use super::*;
+
+    pub(crate) fn client(id: &str) -> Path {
+        Path::from(format!("clients/{id}.json"))
+    }
+    pub(crate) fn owner(p: &ProjectId) -> Path {
+        Path::from(format!("projects/{p}/owner.json"))
+    }
+    pub(crate) fn manifests(p: &ProjectId) -> Path {
+        Path::from(format!("projects/{p}/manifests"))
+    }
+    pub(crate) fn manifest(p: &ProjectId, generation: u64) -> Path {
+        Path::from(format!("projects/{p}/manifests/{generation:020}.json"))
+    }
+    pub(crate) fn pack(p: &ProjectId, name: &str, ext: &str) -> Path {
+        Path::from(format!("projects/{p}/packs/{name}.{ext}"))
+    }
+    pub(crate) fn packs(p: &ProjectId) -> Path {
+        Path::from(format!("projects/{p}/packs"))
+    }
+    pub(crate) fn projects() -> Path {
+        Path::from("projects")
+    }
+}

@@ -1,0 +1,25 @@
+//! gitstore: where every Kiln project version lives.
+//!
+//! Each project is a git repository whose durable copy is in blob storage: immutable packs plus a
+//! small manifest (refs and pack list) published as numbered generations. gitstore nodes serve git's
+//! smart HTTP protocol from local bare repositories that are only caches of that store, so any
+//! number of nodes can serve one store. The agent uses [`sync::sync_repo`] to fetch what it lacks.
+//!
+//! Codemap: `server` (HTTP, auth decisions), `receive` (the push path, run as git's pre-receive
+//! hook), `sync` (blob store → local repo), `manifest` and `blob` (the store layout), `auth`
+//! (clients, tokens, ownership), `path_policy` (what is safe to check out), `webhook`.
+
+pub mod auth;
+pub mod blob;
+mod git;
+pub mod manifest;
+mod metrics;
+pub mod path_policy;
+pub mod project;
+pub mod receive;
+pub mod server;
+pub mod sync;
+pub mod webhook;
+
+pub use blob::BlobStore;
+pub use project::ProjectId;

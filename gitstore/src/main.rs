@@ -1,0 +1,188 @@
+//! `kiln-gitstore`: the gitstore server and its operator commands.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use gitstore::receive::Limits;
+use gitstore::{server, BlobStore, ProjectId};
+
+#[derive(Parser)]
+#[command(
+    name = "kiln-gitstore",
+    version,
+    about = "Kiln gitstore: git push over smart HTTP, mirrored to blob storage"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve git smart HTTP and the API.
+    Serve(ServeArgs),
+    /// Bring a local bare repository up to date from the blob store, fetching only missing packs.
+    Sync {
+        project: String,
+        dir: PathBuf,
+        #[arg(long, env = "KILN_STORE_URL")]
+        store: String,
+    },
+    /// Create an API client directly in the blob store and print its token (bootstrap).
+    CreateClient {
+        name: String,
+        #[arg(long, env = "KILN_STORE_URL")]
+        store: String,
+    },
+    /// Print the SHA-256 of a token, for KILN_ADMIN_TOKEN_SHA256.
+    HashToken { token: String },
+    /// Internal: git's pre-receive hook.
+    #[command(hide = true)]
+    Hook { name: String },
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    #[arg(long, env = "KILN_GITSTORE_LISTEN", default_value = "127.0.0.1:7070")]
+    listen: SocketAddr,
+    /// Blob store URL: a directory or file:///dir (embedded default), az://container, s3://bucket, gs://bucket.
+    #[arg(long, env = "KILN_STORE_URL")]
+    store: String,
+    /// Local cache directory (bare repositories); disposable.
+    #[arg(
+        long,
+        env = "KILN_GITSTORE_DATA",
+        default_value = "/var/cache/kiln/gitstore"
+    )]
+    data_dir: PathBuf,
+    /// SHA-256 hex of the admin token (see `hash-token`); unset disables the admin API.
+    #[arg(long, env = "KILN_ADMIN_TOKEN_SHA256")]
+    admin_token_sha256: Option<String>,
+    /// Secret for X-Kiln-Signature-256 on webhooks.
+    #[arg(long, env = "KILN_WEBHOOK_SECRET", hide_env_values = true)]
+    webhook_secret: String,
+    /// Agent base URLs notified after each push (comma-separated).
+    #[arg(long, env = "KILN_AGENT_URLS", value_delimiter = ',')]
+    agent_url: Vec<String>,
+    /// Browser origins allowed by CORS (comma-separated), e.g. https://generator.example.
+    #[arg(long, env = "KILN_CORS_ORIGINS", value_delimiter = ',')]
+    cors_origin: Vec<String>,
+    #[arg(long, env = "KILN_MAX_FILE_BYTES", default_value_t = Limits::default().max_file_bytes)]
+    max_file_bytes: u64,
+    #[arg(long, env = "KILN_MAX_PUSH_BYTES", default_value_t = Limits::default().max_push_bytes)]
+    max_push_bytes: u64,
+    #[arg(long, env = "KILN_MAX_TREE_FILES", default_value_t = Limits::default().max_tree_files)]
+    max_tree_files: u64,
+    #[arg(long, env = "KILN_MAX_TREE_DEPTH", default_value_t = Limits::default().max_tree_depth)]
+    max_tree_depth: u32,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    if let Command::Hook { name } = &cli.command {
+        // The hook's stderr goes to the pusher, so it logs nothing else there.
+        anyhow::ensure!(name == "pre-receive", "unknown hook {name}");
+        std::process::exit(gitstore::receive::pre_receive_main());
+    }
+    init_logging();
+    let rt = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
+    rt.block_on(run(cli.command))
+}
+
+async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Serve(a) => {
+            anyhow::ensure!(
+                a.webhook_secret.len() >= 16,
+                "KILN_WEBHOOK_SECRET must be at least 16 characters"
+            );
+            if let Some(h) = &a.admin_token_sha256 {
+                anyhow::ensure!(
+                    h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()),
+                    "KILN_ADMIN_TOKEN_SHA256 must be 64 hex digits (see `kiln-gitstore hash-token`)"
+                );
+            }
+            let limits = Limits {
+                max_file_bytes: a.max_file_bytes,
+                max_push_bytes: a.max_push_bytes,
+                max_tree_files: a.max_tree_files,
+                max_tree_depth: a.max_tree_depth,
+            };
+            log::info!(
+                "limits: {limits:?}; agents: {:?}; cors origins: {:?}",
+                a.agent_url,
+                a.cors_origin
+            );
+            let cfg = server::Config {
+                listen: a.listen,
+                store_url: a.store,
+                data_dir: a.data_dir,
+                admin_token_sha256: a.admin_token_sha256.map(|h| h.to_ascii_lowercase()),
+                webhook_secret: a.webhook_secret,
+                agent_urls: a.agent_url.into_iter().filter(|u| !u.is_empty()).collect(),
+                cors_origins: a
+                    .cors_origin
+                    .into_iter()
+                    .filter(|u| !u.is_empty())
+                    .collect(),
+                limits,
+                hook_exe: std::env::current_exe().context("locating this executable")?,
+                fault: std::env::var("KILN_FAULT_INJECT").ok(),
+            };
+            server::serve(cfg).await?;
+        }
+        Command::Sync {
+            project,
+            dir,
+            store,
+        } => {
+            let project = ProjectId::parse(&project)?;
+            let store = BlobStore::open(&store)?;
+            let started = std::time::Instant::now();
+            let r = gitstore::sync::sync_repo(&store, &project, &dir).await?;
+            println!(
+                "synced {project} to generation {}: {} packs, {} objects, {} bytes fetched, {} refs changed in {:.0?}",
+                r.generation, r.packs_fetched, r.objects_fetched, r.bytes_fetched, r.refs_changed,
+                started.elapsed()
+            );
+            println!("{}", serde_json::to_string(&r)?);
+        }
+        Command::CreateClient { name, store } => {
+            let store = BlobStore::open(&store)?;
+            let (c, token) = gitstore::auth::create_client(&store, &name).await?;
+            eprintln!(
+                "created client {} ({}); the token is shown once:",
+                c.id, c.name
+            );
+            println!("{token}");
+        }
+        Command::HashToken { token } => println!("{}", gitstore::auth::hash_token(&token)),
+        Command::Hook { .. } => unreachable!("handled before logging starts"),
+    }
+    Ok(())
+}
+
+/// journald when running under systemd (it sets JOURNAL_STREAM), stderr otherwise.
+fn init_logging() {
+    let level = std::env::var("KILN_LOG")
+        .ok()
+        .and_then(|l| l.parse().ok())
+        .unwrap_or(log::LevelFilter::Info);
+    if std::env::var_os("JOURNAL_STREAM").is_some() {
+        if let Ok(j) = systemd_journal_logger::JournalLog::new() {
+            if j.with_syslog_identifier("kiln-gitstore".into())
+                .install()
+                .is_ok()
+            {
+                log::set_max_level(level);
+                return;
+            }
+        }
+    }
+    env_logger::Builder::new()
+        .filter_level(level)
+        .format_timestamp_millis()
+        .init();
+}

@@ -1,0 +1,941 @@
+//! The gitstore HTTP server: git smart HTTP (`/git/<project>.git/...`), the client and project API
+//! (`/api/...`), health and metrics. `router` builds it; `serve` binds and runs it.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use base64::Engine;
+use futures::TryStreamExt;
+use serde::Deserialize;
+use tokio::io::AsyncWriteExt;
+
+use crate::auth::{self, AuthError, Client};
+use crate::blob::BlobStore;
+use crate::git;
+use crate::manifest;
+use crate::metrics::Metrics;
+use crate::project::ProjectId;
+use crate::receive::{HookContext, Limits, PushResult};
+use crate::sync::{self, SyncReport};
+use crate::webhook::Notifier;
+
+/// Everything the server needs, parsed and validated before it starts.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub store_url: String,
+    /// Local cache: bare repositories and scratch space. Losing it loses nothing.
+    pub data_dir: PathBuf,
+    /// SHA-256 (hex) of the admin token; None disables the admin API.
+    pub admin_token_sha256: Option<String>,
+    pub webhook_secret: String,
+    pub agent_urls: Vec<String>,
+    pub cors_origins: Vec<String>,
+    pub limits: Limits,
+    /// The executable git runs as the pre-receive hook (this binary).
+    pub hook_exe: PathBuf,
+    /// Test-only fault injection handed to the hook.
+    pub fault: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Store(#[from] crate::blob::StoreError),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+#[derive(Clone)]
+pub struct App(Arc<Inner>);
+
+struct Inner {
+    cfg: Config,
+    store: BlobStore,
+    metrics: Metrics,
+    notifier: Notifier,
+    hooks_dir: PathBuf,
+    locks: Mutex<HashMap<ProjectId, Arc<tokio::sync::Mutex<()>>>>,
+    /// token hash → client, for a few seconds: revocation reaches every node within that time.
+    tokens: Mutex<HashMap<String, (Client, Instant)>>,
+    /// project → owning client id; ownership never changes once written.
+    owners: Mutex<HashMap<ProjectId, String>>,
+}
+
+const TOKEN_TTL: Duration = Duration::from_secs(5);
+const MAX_NEGOTIATION_BYTES: u64 = 64 << 20;
+
+impl App {
+    pub fn new(cfg: Config) -> Result<Self, ServeError> {
+        let store = BlobStore::open(&cfg.store_url)?;
+        let io = |what: String| move |source| ServeError::Io { what, source };
+        let hooks_dir = cfg.data_dir.join("hooks");
+        std::fs::create_dir_all(cfg.data_dir.join("repos"))
+            .map_err(io(format!("creating {}", cfg.data_dir.display())))?;
+        std::fs::create_dir_all(&hooks_dir).map_err(io("creating hooks dir".into()))?;
+        let hook = hooks_dir.join("pre-receive");
+        let script = format!(
+            "#!/bin/sh\nexec '{}' hook pre-receive\n",
+            cfg.hook_exe.display().to_string().replace('\'', "'\\''")
+        );
+        std::fs::write(&hook, script).map_err(io(format!("writing {}", hook.display())))?;
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755))
+            .map_err(io(format!("chmod {}", hook.display())))?;
+        let metrics = Metrics::default();
+        let notifier = Notifier::start(
+            cfg.agent_urls.clone(),
+            cfg.webhook_secret.clone().into_bytes(),
+            metrics.clone(),
+        );
+        Ok(Self(Arc::new(Inner {
+            cfg,
+            store,
+            metrics,
+            notifier,
+            hooks_dir,
+            locks: Mutex::default(),
+            tokens: Mutex::default(),
+            owners: Mutex::default(),
+        })))
+    }
+}
+
+pub fn router(app: App) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .route("/api/clients", post(create_client).get(list_clients))
+        .route("/api/clients/{id}", delete(revoke_client))
+        .route("/api/projects", post(create_project))
+        .route("/api/projects/{id}", get(project_info))
+        .route("/git/{repo}/info/refs", get(info_refs))
+        .route("/git/{repo}/git-upload-pack", post(upload_pack))
+        .route("/git/{repo}/git-receive-pack", post(receive_pack))
+        .fallback(not_found)
+        .layer(middleware::from_fn_with_state(app.clone(), cors_and_log))
+        .with_state(app)
+}
+
+/// Binds `cfg.listen` and serves until SIGINT or SIGTERM, finishing requests in flight.
+pub async fn serve(cfg: Config) -> Result<(), ServeError> {
+    let listen = cfg.listen;
+    let app = App::new(cfg)?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|source| ServeError::Io {
+            what: format!("binding {listen}"),
+            source,
+        })?;
+    log::info!(
+        "kiln-gitstore listening on {listen}, store {}, cache {}",
+        app.0.store.url(),
+        app.0.cfg.data_dir.display()
+    );
+    axum::serve(listener, router(app))
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .map_err(|source| ServeError::Io {
+            what: "serving".into(),
+            source,
+        })
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler installs");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    log::info!("shutting down: finishing requests in flight");
+}
+
+/// An error answered to a client: the status, a stable code, and a message saying what to fix.
+/// Git routes answer in text/plain, which git prints to the user as `remote: <message>`.
+#[derive(Debug)]
+pub(crate) struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+    plain: bool,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+            plain: false,
+        }
+    }
+
+    fn internal(e: impl std::fmt::Display) -> Self {
+        log::error!("internal error: {e}");
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "internal error; the details are in the gitstore log",
+        )
+    }
+
+    fn plain(mut self) -> Self {
+        self.plain = true;
+        self
+    }
+}
+
+impl From<AuthError> for ApiError {
+    fn from(e: AuthError) -> Self {
+        match e {
+            AuthError::Malformed | AuthError::Rejected => Self::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                format!("{e}: send your Kiln token as the HTTP Basic password (git) or as `Authorization: Bearer <token>`"),
+            ),
+            AuthError::BadName => Self::new(StatusCode::BAD_REQUEST, "bad_request", e.to_string()),
+            AuthError::NoSuchClient(_) => Self::new(StatusCode::NOT_FOUND, "not_found", e.to_string()),
+            AuthError::NotOwner(_) => Self::new(StatusCode::FORBIDDEN, "forbidden", e.to_string()),
+            AuthError::Corrupt { .. } | AuthError::Store(_) => Self::internal(e),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut res = if self.plain {
+            (
+                self.status,
+                [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+                format!("{}\n", self.message),
+            )
+                .into_response()
+        } else {
+            (
+                self.status,
+                Json(serde_json::json!({"error": self.code, "message": self.message})),
+            )
+                .into_response()
+        };
+        if self.status == StatusCode::UNAUTHORIZED {
+            res.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Basic realm=\"kiln\""),
+            );
+        }
+        res
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+enum Principal {
+    Admin,
+    Client(Client),
+}
+
+impl App {
+    async fn principal(&self, headers: &HeaderMap) -> ApiResult<Principal> {
+        let token = bearer_or_basic(headers).ok_or_else(|| {
+            ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "authentication required: send your Kiln token as the HTTP Basic password (git) or as `Authorization: Bearer <token>`",
+            )
+        })?;
+        if let Some(admin) = &self.0.cfg.admin_token_sha256 {
+            if auth::token_matches(&token, admin) {
+                return Ok(Principal::Admin);
+            }
+        }
+        let key = auth::hash_token(&token);
+        if let Some((c, at)) = self.0.tokens.lock().expect("lock").get(&key) {
+            if at.elapsed() < TOKEN_TTL {
+                return Ok(Principal::Client(c.clone()));
+            }
+        }
+        match auth::authenticate(&self.0.store, &token).await {
+            Ok(c) => {
+                let mut cache = self.0.tokens.lock().expect("lock");
+                if cache.len() > 10_000 {
+                    cache.clear();
+                }
+                cache.insert(key, (c.clone(), Instant::now()));
+                Ok(Principal::Client(c))
+            }
+            Err(e) => {
+                self.0.metrics.inc(&self.0.metrics.auth_failures);
+                Err(e.into())
+            }
+        }
+    }
+
+    async fn admin(&self, headers: &HeaderMap) -> ApiResult<()> {
+        match self.principal(headers).await? {
+            Principal::Admin => Ok(()),
+            Principal::Client(_) => Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                "this needs the admin token",
+            )),
+        }
+    }
+
+    /// Checks that `who` may read (or, with `write`, push to) `project`; a first push creates it.
+    async fn authorize(&self, who: &Principal, project: &ProjectId, write: bool) -> ApiResult<()> {
+        let client = match who {
+            Principal::Admin if !write => return Ok(()),
+            Principal::Admin => {
+                return Err(ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    "forbidden",
+                    "the admin token manages clients; push with a client token",
+                ))
+            }
+            Principal::Client(c) => c,
+        };
+        let cached = self.0.owners.lock().expect("lock").get(project).cloned();
+        let owner = match cached {
+            Some(o) => Some(o),
+            None => auth::owner(&self.0.store, project).await?.map(|o| o.client),
+        };
+        match owner {
+            Some(o) if o == client.id => {}
+            Some(_) if write => return Err(AuthError::NotOwner(project.clone()).into()),
+            Some(_) | None if !write => {
+                return Err(ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    "not_found",
+                    format!("project {project} not found"),
+                ))
+            }
+            _ => {
+                if auth::claim_project(&self.0.store, project, &client.id).await? {
+                    log::info!(project:% = project, client = client.id.as_str(); "project created");
+                }
+            }
+        }
+        self.0
+            .owners
+            .lock()
+            .expect("lock")
+            .insert(project.clone(), client.id.clone());
+        Ok(())
+    }
+
+    fn lock(&self, project: &ProjectId) -> Arc<tokio::sync::Mutex<()>> {
+        self.0
+            .locks
+            .lock()
+            .expect("lock")
+            .entry(project.clone())
+            .or_default()
+            .clone()
+    }
+
+    fn repo_dir(&self, project: &ProjectId) -> PathBuf {
+        self.0
+            .cfg
+            .data_dir
+            .join("repos")
+            .join(format!("{project}.git"))
+    }
+
+    /// Syncs the local cache of `project`; the caller holds the project lock.
+    async fn sync_locked(&self, project: &ProjectId) -> ApiResult<SyncReport> {
+        let report = sync::sync_repo(&self.0.store, project, &self.repo_dir(project))
+            .await
+            .map_err(|e| {
+                log::error!(project:% = project; "sync from the blob store failed: {e}");
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "store_unavailable",
+                    "the project could not be read from the blob store; try again shortly",
+                )
+            })?;
+        let m = &self.0.metrics;
+        m.add(&m.sync_bytes, report.bytes_fetched);
+        m.add(&m.sync_packs, report.packs_fetched as u64);
+        Ok(report)
+    }
+
+    async fn sync(&self, project: &ProjectId) -> ApiResult<()> {
+        let lock = self.lock(project);
+        let _guard = lock.lock().await;
+        self.sync_locked(project).await.map(|_| ())
+    }
+
+    fn git_configs(&self) -> Vec<String> {
+        let l = &self.0.cfg.limits;
+        let mut c = vec![
+            format!("core.hooksPath={}", self.0.hooks_dir.display()),
+            "receive.unpackLimit=1".into(),
+            "receive.fsckObjects=true".into(),
+            "receive.autogc=false".into(),
+            "receive.denyCurrentBranch=ignore".into(),
+            "receive.advertisePushOptions=false".into(),
+            "gc.auto=0".into(),
+            format!("receive.maxInputSize={}", l.max_push_bytes),
+            "uploadpack.allowFilter=true".into(),
+        ];
+        // The hook names the offending path; git's own fsck would only name the object.
+        for id in [
+            "hasDot",
+            "hasDotdot",
+            "hasDotgit",
+            "fullPathname",
+            "emptyName",
+        ] {
+            c.push(format!("receive.fsck.{id}=ignore"));
+        }
+        c
+    }
+}
+
+fn bearer_or_basic(headers: &HeaderMap) -> Option<String> {
+    let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    if let Some(t) = v.strip_prefix("Bearer ") {
+        return Some(t.trim().to_owned());
+    }
+    let b64 = v.strip_prefix("Basic ")?;
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(b64.trim())
+        .ok()?;
+    let s = String::from_utf8(raw).ok()?;
+    s.split_once(':').map(|(_, pass)| pass.to_owned())
+}
+
+fn parse_repo(repo: &str) -> ApiResult<ProjectId> {
+    let name = repo.strip_suffix(".git").unwrap_or(repo);
+    ProjectId::parse(name)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_project", e.to_string()).plain())
+}
+
+async fn not_found(req: Request) -> ApiError {
+    let msg = if req.uri().path().starts_with("/git/") {
+        "not found: gitstore speaks git's smart HTTP protocol only; use a git client (git 1.6.6 or later)"
+    } else {
+        "no such route"
+    };
+    ApiError::new(StatusCode::NOT_FOUND, "not_found", msg)
+}
+
+#[derive(Deserialize)]
+struct ServiceQuery {
+    service: Option<String>,
+}
+
+fn protocol_v2(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get("git-protocol")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| v.len() < 256 && v.bytes().all(|b| b.is_ascii_graphic() || b == b' '))
+        .map(str::to_owned)
+}
+
+async fn info_refs(
+    State(app): State<App>,
+    Path(repo): Path<String>,
+    Query(q): Query<ServiceQuery>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    let project = parse_repo(&repo)?;
+    let service = match q.service.as_deref() {
+        Some(s @ ("git-upload-pack" | "git-receive-pack")) => s,
+        _ => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                "gitstore speaks git's smart HTTP protocol only; ?service=git-upload-pack or git-receive-pack is required",
+            )
+            .plain())
+        }
+    };
+    let write = service == "git-receive-pack";
+    let who = app.principal(&headers).await.map_err(ApiError::plain)?;
+    app.authorize(&who, &project, write)
+        .await
+        .map_err(ApiError::plain)?;
+    app.sync(&project).await.map_err(ApiError::plain)?;
+    let proto = if write { None } else { protocol_v2(&headers) };
+    let dir = app.repo_dir(&project);
+    let mut cmd = git::command(&dir);
+    for c in app.git_configs() {
+        cmd.arg("-c").arg(c);
+    }
+    cmd.args([&service[4..], "--stateless-rpc", "--advertise-refs", "."]);
+    if let Some(p) = &proto {
+        cmd.env("GIT_PROTOCOL", p);
+    }
+    let out = cmd
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .output()
+        .await
+        .map_err(ApiError::internal)?;
+    if !out.status.success() {
+        return Err(ApiError::internal(String::from_utf8_lossy(&out.stderr)).plain());
+    }
+    let mut body = Vec::new();
+    let v2 = proto.as_deref().is_some_and(|p| p.contains("version=2"));
+    if !v2 {
+        let line = format!("# service={service}\n");
+        body.extend_from_slice(format!("{:04x}{line}0000", line.len() + 4).as_bytes());
+    }
+    body.extend_from_slice(&out.stdout);
+    Ok((
+        [
+            (
+                header::CONTENT_TYPE,
+                format!("application/x-{service}-advertisement"),
+            ),
+            (header::CACHE_CONTROL, "no-cache".to_owned()),
+        ],
+        body,
+    )
+        .into_response())
+}
+
+/// Copies a request body into a child's stdin, refusing more than `limit` bytes. Gzip request
+/// bodies (git sends them for large negotiations) are inflated, with the limit applied after.
+async fn feed(
+    body: Body,
+    headers: &HeaderMap,
+    mut stdin: tokio::process::ChildStdin,
+    limit: u64,
+) -> Result<u64, FeedError> {
+    let gzip = headers
+        .get(header::CONTENT_ENCODING)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"gzip"));
+    let mut stream = body.into_data_stream();
+    let mut total = 0u64;
+    let mut compressed = Vec::new();
+    while let Some(chunk) = stream.try_next().await.map_err(|_| FeedError::Aborted)? {
+        total += chunk.len() as u64;
+        if total > limit {
+            return Err(FeedError::TooLarge(limit));
+        }
+        if gzip {
+            compressed.extend_from_slice(&chunk);
+        } else if stdin.write_all(&chunk).await.is_err() {
+            // git stopped reading (it rejected the input); its own report says why.
+            return Ok(total);
+        }
+    }
+    if gzip {
+        let inflated = tokio::task::spawn_blocking(move || {
+            use std::io::Read;
+            let mut out = Vec::new();
+            flate2::read::GzDecoder::new(&compressed[..])
+                .take(limit + 1)
+                .read_to_end(&mut out)
+                .map(|_| out)
+        })
+        .await
+        .map_err(|_| FeedError::Aborted)?
+        .map_err(|_| FeedError::BadGzip)?;
+        if inflated.len() as u64 > limit {
+            return Err(FeedError::TooLarge(limit));
+        }
+        total = inflated.len() as u64;
+        let _ = stdin.write_all(&inflated).await;
+    }
+    Ok(total)
+}
+
+enum FeedError {
+    TooLarge(u64),
+    BadGzip,
+    Aborted,
+}
+
+impl From<FeedError> for ApiError {
+    fn from(e: FeedError) -> Self {
+        match e {
+            FeedError::TooLarge(limit) => ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                format!(
+                    "request larger than {limit} bytes; push fewer or smaller objects at a time"
+                ),
+            ),
+            FeedError::BadGzip => ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                "request body is not valid gzip",
+            ),
+            FeedError::Aborted => ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                "request body ended early",
+            ),
+        }
+        .plain()
+    }
+}
+
+async fn upload_pack(
+    State(app): State<App>,
+    Path(repo): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Response> {
+    let project = parse_repo(&repo)?;
+    let who = app.principal(&headers).await.map_err(ApiError::plain)?;
+    app.authorize(&who, &project, false)
+        .await
+        .map_err(ApiError::plain)?;
+    // A node behind a load balancer may see the POST without the advertisement: sync here too.
+    app.sync(&project).await.map_err(ApiError::plain)?;
+    let mut cmd = git::command(&app.repo_dir(&project));
+    for c in app.git_configs() {
+        cmd.arg("-c").arg(c);
+    }
+    cmd.args(["upload-pack", "--stateless-rpc", "."]);
+    if let Some(p) = protocol_v2(&headers) {
+        cmd.env("GIT_PROTOCOL", p);
+    }
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(ApiError::internal)?;
+    let stdin = child.stdin.take().expect("piped");
+    let stdout = child.stdout.take().expect("piped");
+    feed(body, &headers, stdin, MAX_NEGOTIATION_BYTES).await?;
+    app.0.metrics.inc(&app.0.metrics.fetches);
+    let p = project.clone();
+    tokio::spawn(async move {
+        if let Ok(out) = child.wait_with_output().await {
+            if !out.status.success() {
+                log::warn!(project:% = p; "upload-pack: {}", String::from_utf8_lossy(&out.stderr).trim());
+            }
+        }
+    });
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/x-git-upload-pack-result"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        Body::from_stream(tokio_util::io::ReaderStream::new(stdout)),
+    )
+        .into_response())
+}
+
+async fn receive_pack(
+    State(app): State<App>,
+    Path(repo): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Response> {
+    let project = parse_repo(&repo)?;
+    let who = app.principal(&headers).await.map_err(ApiError::plain)?;
+    app.authorize(&who, &project, true)
+        .await
+        .map_err(ApiError::plain)?;
+    // One push at a time per project on this node; across nodes the manifest CAS decides.
+    let lock = app.lock(&project);
+    let _guard = lock.lock().await;
+    app.sync_locked(&project).await.map_err(ApiError::plain)?;
+
+    let scratch = tempfile::Builder::new()
+        .prefix("push-")
+        .tempdir_in(&app.0.cfg.data_dir)
+        .map_err(ApiError::internal)?;
+    let result_path = scratch.path().join("result.json");
+    let ctx = HookContext {
+        store_url: app.0.cfg.store_url.clone(),
+        project: project.clone(),
+        limits: app.0.cfg.limits.clone(),
+        result_path: result_path.clone(),
+        fault: app.0.cfg.fault.clone(),
+    };
+    let mut cmd = git::command(&app.repo_dir(&project));
+    for c in app.git_configs() {
+        cmd.arg("-c").arg(c);
+    }
+    cmd.args(["receive-pack", "--stateless-rpc", "."]).env(
+        "KILN_HOOK_CONTEXT",
+        serde_json::to_string(&ctx).expect("serializes"),
+    );
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(ApiError::internal)?;
+    let stdin = child.stdin.take().expect("piped");
+    let limit = app.0.cfg.limits.max_push_bytes + (1 << 20);
+    let fed = feed(body, &headers, stdin, limit).await;
+    if let Err(e) = fed {
+        let _ = child.kill().await;
+        app.0.metrics.inc(&app.0.metrics.pushes_refused);
+        return Err(e.into());
+    }
+    let out = child.wait_with_output().await.map_err(ApiError::internal)?;
+    if !out.status.success() {
+        log::warn!(project:% = project; "receive-pack: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    let m = &app.0.metrics;
+    match std::fs::read(&result_path)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<PushResult>(&b).ok())
+    {
+        Some(result) => {
+            m.inc(&m.pushes_accepted);
+            m.add(&m.push_pack_bytes, result.pack_bytes);
+            for u in &result.updates {
+                log::info!(project:% = project, generation = result.generation, r#ref = u.name.as_str(), new = u.new.as_str(); "push stored");
+                app.0
+                    .notifier
+                    .notify(project.as_str(), &u.name, &u.old, &u.new);
+            }
+        }
+        None => {
+            m.inc(&m.pushes_refused);
+            log::info!(project:% = project; "push refused");
+        }
+    }
+    Ok((
+        [
+            (
+                header::CONTENT_TYPE,
+                "application/x-git-receive-pack-result",
+            ),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        out.stdout,
+    )
+        .into_response())
+}
+
+async fn healthz(State(app): State<App>) -> Response {
+    let store = match tokio::time::timeout(Duration::from_secs(5), app.0.store.ping()).await {
+        Ok(Ok(())) => "ok".to_owned(),
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => "timed out".to_owned(),
+    };
+    let probe = app.0.cfg.data_dir.join(".healthz");
+    let disk = match std::fs::write(&probe, b"ok") {
+        Ok(()) => "ok".to_owned(),
+        Err(e) => format!("cache dir not writable: {e}"),
+    };
+    let healthy = store == "ok" && disk == "ok";
+    let status = if healthy {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        status,
+        Json(serde_json::json!({
+            "status": if healthy { "ok" } else { "unhealthy" },
+            "blob_store": store,
+            "cache_dir": disk,
+        })),
+    )
+        .into_response()
+}
+
+async fn metrics(State(app): State<App>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        app.0.metrics.render(),
+    )
+        .into_response()
+}
+
+#[derive(Deserialize)]
+struct NewClient {
+    name: String,
+}
+
+async fn create_client(
+    State(app): State<App>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> ApiResult<Response> {
+    app.admin(&headers).await?;
+    let req: NewClient = json_body(&body)?;
+    let (c, token) = auth::create_client(&app.0.store, &req.name).await?;
+    log::info!(client = c.id.as_str(), name = c.name.as_str(); "client created");
+    Ok((
+        StatusCode::CREATED,
+        Json(serde_json::json!({"id": c.id, "name": c.name, "token": token})),
+    )
+        .into_response())
+}
+
+async fn list_clients(State(app): State<App>, headers: HeaderMap) -> ApiResult<Response> {
+    app.admin(&headers).await?;
+    let clients = auth::list_clients(&app.0.store).await?;
+    let list: Vec<_> = clients
+        .iter()
+        .map(|c| serde_json::json!({"id": c.id, "name": c.name, "created_at": c.created_at, "revoked": c.revoked}))
+        .collect();
+    Ok(Json(serde_json::json!({ "clients": list })).into_response())
+}
+
+async fn revoke_client(
+    State(app): State<App>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    app.admin(&headers).await?;
+    if id.len() != 12 || !id.bytes().all(|b| b.is_ascii_alphanumeric()) {
+        return Err(AuthError::NoSuchClient(id).into());
+    }
+    let c = auth::revoke_client(&app.0.store, &id).await?;
+    app.0.tokens.lock().expect("lock").clear();
+    log::info!(client = c.id.as_str(); "client revoked");
+    Ok(Json(serde_json::json!({"id": c.id, "revoked": true})).into_response())
+}
+
+#[derive(Deserialize)]
+struct NewProject {
+    id: String,
+}
+
+async fn create_project(
+    State(app): State<App>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> ApiResult<Response> {
+    let who = app.principal(&headers).await?;
+    let req: NewProject = json_body(&body)?;
+    let project = ProjectId::parse(&req.id)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_project", e.to_string()))?;
+    let Principal::Client(c) = &who else {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "projects belong to clients; create them with a client token",
+        ));
+    };
+    let created = auth::claim_project(&app.0.store, &project, &c.id).await?;
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((
+        status,
+        Json(serde_json::json!({"id": project, "created": created})),
+    )
+        .into_response())
+}
+
+async fn project_info(
+    State(app): State<App>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    let project = ProjectId::parse(&id)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_project", e.to_string()))?;
+    let who = app.principal(&headers).await?;
+    app.authorize(&who, &project, false).await?;
+    let m = manifest::latest(&app.0.store, &project)
+        .await
+        .map_err(ApiError::internal)?;
+    let bytes: u64 = m.packs.iter().map(|p| p.pack_size).sum();
+    Ok(Json(serde_json::json!({
+        "id": project,
+        "generation": m.generation,
+        "head": m.head,
+        "refs": m.refs,
+        "packs": m.packs.len(),
+        "pack_bytes": bytes,
+        "updated_at": m.updated_at,
+    }))
+    .into_response())
+}
+
+fn json_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> ApiResult<T> {
+    if body.len() > 64 << 10 {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            "JSON body over 64 KiB",
+        ));
+    }
+    serde_json::from_slice(body).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_json",
+            format!("invalid JSON body: {e}"),
+        )
+    })
+}
+
+/// CORS for the configured generator origins (browser git clients such as isomorphic-git), and
+/// one log line per request.
+async fn cors_and_log(State(app): State<App>, req: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let origin = req
+        .headers()
+        .get(header::ORIGIN)
+        .and_then(|o| o.to_str().ok())
+        .map(str::to_owned);
+    let allowed = origin
+        .as_deref()
+        .filter(|o| app.0.cfg.cors_origins.iter().any(|a| a == o || a == "*"))
+        .map(str::to_owned);
+    let (method, path) = (req.method().clone(), req.uri().path().to_owned());
+    let mut res = if method == Method::OPTIONS {
+        match &allowed {
+            Some(_) => StatusCode::NO_CONTENT.into_response(),
+            None => ApiError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                "origin not allowed; the operator lists generator origins in KILN_CORS_ORIGINS",
+            )
+            .into_response(),
+        }
+    } else {
+        next.run(req).await
+    };
+    if let Some(o) = allowed {
+        let h = res.headers_mut();
+        if let Ok(v) = HeaderValue::from_str(&o) {
+            h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, v);
+        }
+        h.insert(header::VARY, HeaderValue::from_static("Origin"));
+        h.insert(
+            header::ACCESS_CONTROL_ALLOW_METHODS,
+            HeaderValue::from_static("GET, POST, DELETE, OPTIONS"),
+        );
+        h.insert(
+            header::ACCESS_CONTROL_ALLOW_HEADERS,
+            HeaderValue::from_static(
+                "Authorization, Content-Type, Content-Encoding, Git-Protocol, Accept",
+            ),
+        );
+        h.insert(
+            header::ACCESS_CONTROL_EXPOSE_HEADERS,
+            HeaderValue::from_static("Content-Type, WWW-Authenticate"),
+        );
+        h.insert(
+            header::ACCESS_CONTROL_MAX_AGE,
+            HeaderValue::from_static("600"),
+        );
+    }
+    log::info!(method:% = method, path = path.as_str(), status = res.status().as_u16(), ms = started.elapsed().as_millis() as u64; "request");
+    res
+}

@@ -1,0 +1,250 @@
+//! Incremental sync: bring a local bare repository up to date from the blob store.
+//!
+//! Only packs the repository lacks are downloaded. Each is streamed to a temporary name, checked
+//! against the size and SHA-256 the manifest recorded, and only then renamed into `objects/pack`
+//! (the `.pack` before its `.idx`, since git only looks at packs that have an index), so a
+//! half-downloaded or corrupted pack never becomes visible. Refs change last, in one transaction.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::blob::{keys, BlobStore, StoreError};
+use crate::git::{self, GitError};
+use crate::manifest::{self, Manifest, ManifestError, PackEntry};
+use crate::project::ProjectId;
+
+/// What a sync did, for logs, metrics and benchmarks.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct SyncReport {
+    pub generation: u64,
+    pub packs_fetched: usize,
+    pub objects_fetched: u64,
+    /// Pack and index bytes downloaded.
+    pub bytes_fetched: u64,
+    /// Manifest bytes read (zero when the repository was already current).
+    pub manifest_bytes: u64,
+    pub refs_changed: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Git(#[from] GitError),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("pack {name} in the blob store is corrupt: {what}; it was not used")]
+    CorruptPack { name: String, what: String },
+}
+
+/// Sync state kept beside the repository: the generation it matches, and compacted packs it does
+/// not need because it holds every pack they replace.
+#[derive(Default, Serialize, Deserialize)]
+struct LocalState {
+    generation: u64,
+    #[serde(default)]
+    covered: BTreeSet<String>,
+}
+
+const STATE_FILE: &str = "kiln-sync.json";
+
+/// Brings the bare repository at `repo` (created if missing) up to date with `project` in `store`.
+///
+/// Callers serialize syncs of one repository; gitstore holds its per-project lock.
+pub async fn sync_repo(
+    store: &BlobStore,
+    project: &ProjectId,
+    repo: &Path,
+) -> Result<SyncReport, SyncError> {
+    git::init_bare(repo).await?;
+    let state_path = repo.join(STATE_FILE);
+    let mut state: LocalState = std::fs::read(&state_path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
+    let Some(generation) = manifest::newest_generation(store, project, state.generation).await?
+    else {
+        return Ok(SyncReport {
+            generation: state.generation,
+            ..Default::default()
+        });
+    };
+    let m = manifest::read(store, project, generation).await?;
+    let mut report = SyncReport {
+        generation,
+        manifest_bytes: serde_json::to_vec_pretty(&m).map_or(0, |v| v.len() as u64),
+        ..Default::default()
+    };
+    let pack_dir = repo.join("objects/pack");
+    for entry in &m.packs {
+        let have = |name: &str| {
+            pack_dir.join(format!("{name}.idx")).is_file() || state.covered.contains(name)
+        };
+        if have(&entry.name) {
+            continue;
+        }
+        if !entry.replaces.is_empty() && entry.replaces.iter().all(|r| have(r)) {
+            state.covered.insert(entry.name.clone());
+            continue;
+        }
+        report.bytes_fetched += download_pack(store, project, entry, &pack_dir).await?;
+        report.packs_fetched += 1;
+        report.objects_fetched += entry.objects;
+    }
+    report.refs_changed = apply_refs(repo, &m).await?;
+    state.generation = generation;
+    write_atomic(
+        &state_path,
+        &serde_json::to_vec(&state).expect("serializes"),
+    )?;
+    Ok(report)
+}
+
+/// Sets the repository's refs and HEAD to the manifest's, in one `update-ref` transaction.
+async fn apply_refs(repo: &Path, m: &Manifest) -> Result<usize, SyncError> {
+    let local: BTreeMap<String, String> = git::refs(repo).await?.into_iter().collect();
+    let mut script = String::new();
+    let mut changed = 0;
+    for (name, id) in &m.refs {
+        if local.get(name) != Some(id) {
+            script.push_str(&format!("update {name} {id}\n"));
+            changed += 1;
+        }
+    }
+    for name in local.keys().filter(|n| !m.refs.contains_key(*n)) {
+        script.push_str(&format!("delete {name}\n"));
+        changed += 1;
+    }
+    if changed > 0 {
+        git::run(repo, &["update-ref", "--stdin"], script.as_bytes()).await?;
+    }
+    if let Some(head) = &m.head {
+        let current = git::run(repo, &["symbolic-ref", "HEAD"], b"").await?;
+        if String::from_utf8_lossy(&current).trim() != head {
+            git::run(repo, &["symbolic-ref", "HEAD", head], b"").await?;
+        }
+    }
+    Ok(changed)
+}
+
+async fn download_pack(
+    store: &BlobStore,
+    project: &ProjectId,
+    entry: &PackEntry,
+    pack_dir: &Path,
+) -> Result<u64, SyncError> {
+    let tmp_pack = pack_dir.join(format!(".kiln-tmp-{}.pack", entry.name));
+    let tmp_idx = pack_dir.join(format!(".kiln-tmp-{}.idx", entry.name));
+    let result = async {
+        let a = fetch_verified(store, project, entry, "pack", &tmp_pack).await?;
+        let b = fetch_verified(store, project, entry, "idx", &tmp_idx).await?;
+        rename(&tmp_pack, &pack_dir.join(format!("{}.pack", entry.name)))?;
+        rename(&tmp_idx, &pack_dir.join(format!("{}.idx", entry.name)))?;
+        sync_dir(pack_dir)?;
+        Ok(a + b)
+    }
+    .await;
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp_pack);
+        let _ = std::fs::remove_file(&tmp_idx);
+    }
+    result
+}
+
+async fn fetch_verified(
+    store: &BlobStore,
+    project: &ProjectId,
+    entry: &PackEntry,
+    ext: &str,
+    dest: &Path,
+) -> Result<u64, SyncError> {
+    let (size, sha) = match ext {
+        "pack" => (entry.pack_size, &entry.pack_sha256),
+        _ => (entry.idx_size, &entry.idx_sha256),
+    };
+    let io = |source| SyncError::Io {
+        path: dest.to_owned(),
+        source,
+    };
+    std::fs::create_dir_all(dest.parent().expect("pack dir")).map_err(io)?;
+    let mut file = std::fs::File::create(dest).map_err(io)?;
+    let mut hasher = Sha256::new();
+    let mut got = 0u64;
+    let corrupt = |what: String| SyncError::CorruptPack {
+        name: entry.name.clone(),
+        what,
+    };
+    store
+        .get_stream(&keys::pack(project, &entry.name, ext), |chunk| {
+            got += chunk.len() as u64;
+            if got > size {
+                // Stop early: a blob larger than recorded is wrong whatever the rest says.
+                return Err(std::io::Error::other("larger than the manifest records"));
+            }
+            hasher.update(chunk);
+            file.write_all(chunk)
+        })
+        .await
+        .map_err(|e| match e {
+            StoreError::Backend { .. } if got > size => {
+                corrupt(format!(".{ext} is larger than the {size} bytes recorded"))
+            }
+            e => SyncError::Store(e),
+        })?;
+    if got != size {
+        return Err(corrupt(format!(
+            ".{ext} has {got} bytes, the manifest records {size}"
+        )));
+    }
+    let actual = hex::encode(hasher.finalize());
+    if &actual != sha {
+        return Err(corrupt(format!(
+            ".{ext} has SHA-256 {actual}, the manifest records {sha}"
+        )));
+    }
+    file.sync_all().map_err(io)?;
+    Ok(got)
+}
+
+fn rename(from: &Path, to: &Path) -> Result<(), SyncError> {
+    std::fs::rename(from, to).map_err(|source| SyncError::Io {
+        path: to.to_owned(),
+        source,
+    })
+}
+
+fn sync_dir(dir: &Path) -> Result<(), SyncError> {
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|source| SyncError::Io {
+            path: dir.to_owned(),
+            source,
+        })
+}
+
+/// Replaces `path` with `data` so a crash leaves either the old or the new content.
+pub(crate) fn write_atomic(path: &Path, data: &[u8]) -> Result<(), SyncError> {
+    let io = |source| SyncError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp).map_err(io)?;
+    f.write_all(data).and_then(|_| f.sync_all()).map_err(io)?;
+    std::fs::rename(&tmp, path).map_err(io)?;
+    if let Some(dir) = path.parent() {
+        sync_dir(dir)?;
+    }
+    Ok(())
+}
