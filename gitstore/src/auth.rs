@@ -109,11 +109,11 @@ pub async fn load_client(store: &BlobStore, id: &str) -> Result<Option<Client>, 
 
 pub async fn list_clients(store: &BlobStore) -> Result<Vec<Client>, AuthError> {
     let mut out = Vec::new();
-    for (name, _) in store
+    for listed in store
         .list(&object_store::path::Path::from("clients"), None)
         .await?
     {
-        if let Some(id) = name.strip_suffix(".json") {
+        if let Some(id) = listed.name.strip_suffix(".json") {
             if let Some(c) = load_client(store, id).await? {
                 out.push(c);
             }

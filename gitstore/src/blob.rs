@@ -35,6 +35,13 @@ pub enum StoreError {
     },
 }
 
+/// One object found by [`BlobStore::list`].
+pub(crate) struct Listed {
+    pub(crate) name: String,
+    /// Unix seconds.
+    pub(crate) modified: u64,
+}
+
 /// Outcome of a write that must not replace an existing object.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Created {
@@ -160,12 +167,13 @@ impl BlobStore {
         }
     }
 
-    /// Names (last path segment) and sizes of the objects under `prefix` whose key sorts after `offset`.
+    /// Names (last path segment), sizes and modification times of the objects under `prefix`
+    /// whose key sorts after `offset`.
     pub(crate) async fn list(
         &self,
         prefix: &Path,
         offset: Option<&Path>,
-    ) -> Result<Vec<(String, u64)>, StoreError> {
+    ) -> Result<Vec<Listed>, StoreError> {
         let stream = match offset {
             Some(o) => self.inner.list_with_offset(Some(prefix), o),
             None => self.inner.list(Some(prefix)),
@@ -176,7 +184,12 @@ impl BlobStore {
             .map_err(|e| backend("list", prefix, e))?;
         Ok(metas
             .into_iter()
-            .filter_map(|m| Some((m.location.filename()?.to_owned(), m.size)))
+            .filter_map(|m| {
+                Some(Listed {
+                    name: m.location.filename()?.to_owned(),
+                    modified: m.last_modified.timestamp().max(0) as u64,
+                })
+            })
             .collect())
     }
 
@@ -233,8 +246,5 @@ pub(crate) mod keys {
     }
     pub(crate) fn packs(p: &ProjectId) -> Path {
         Path::from(format!("projects/{p}/packs"))
-    }
-    pub(crate) fn projects() -> Path {
-        Path::from("projects")
     }
 }

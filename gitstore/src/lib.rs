@@ -11,6 +11,7 @@
 
 pub mod auth;
 pub mod blob;
+pub mod compact;
 mod git;
 pub mod manifest;
 mod metrics;

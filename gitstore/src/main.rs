@@ -5,6 +5,9 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use std::time::Duration;
+
+use gitstore::compact::CompactOptions;
 use gitstore::receive::Limits;
 use gitstore::{server, BlobStore, ProjectId};
 
@@ -29,6 +32,19 @@ enum Command {
         dir: PathBuf,
         #[arg(long, env = "KILN_STORE_URL")]
         store: String,
+    },
+    /// Fold a project's packs into one and delete retired packs past their grace period.
+    Compact {
+        project: String,
+        #[arg(long, env = "KILN_STORE_URL")]
+        store: String,
+        /// Scratch directory for the compaction repository.
+        #[arg(long, default_value = "/var/cache/kiln/compact")]
+        work_dir: PathBuf,
+        #[arg(long, default_value_t = 2)]
+        min_packs: usize,
+        #[arg(long, default_value_t = 3600)]
+        grace_secs: u64,
     },
     /// Create an API client directly in the blob store and print its token (bootstrap).
     CreateClient {
@@ -77,6 +93,12 @@ struct ServeArgs {
     max_tree_files: u64,
     #[arg(long, env = "KILN_MAX_TREE_DEPTH", default_value_t = Limits::default().max_tree_depth)]
     max_tree_depth: u32,
+    /// Compact a project in the background once its manifest lists this many packs.
+    #[arg(long, env = "KILN_COMPACT_MIN_PACKS", default_value_t = CompactOptions::default().min_packs)]
+    compact_min_packs: usize,
+    /// Seconds replaced or orphaned packs stay in the store before deletion.
+    #[arg(long, env = "KILN_COMPACT_GRACE_SECS", default_value_t = CompactOptions::default().grace.as_secs())]
+    compact_grace_secs: u64,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -130,6 +152,10 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 limits,
                 hook_exe: std::env::current_exe().context("locating this executable")?,
                 fault: std::env::var("KILN_FAULT_INJECT").ok(),
+                compact: CompactOptions {
+                    min_packs: a.compact_min_packs.max(2),
+                    grace: Duration::from_secs(a.compact_grace_secs),
+                },
             };
             server::serve(cfg).await?;
         }
@@ -147,6 +173,24 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 r.generation, r.packs_fetched, r.objects_fetched, r.bytes_fetched, r.refs_changed,
                 started.elapsed()
             );
+            println!("{}", serde_json::to_string(&r)?);
+        }
+        Command::Compact {
+            project,
+            store,
+            work_dir,
+            min_packs,
+            grace_secs,
+        } => {
+            let project = ProjectId::parse(&project)?;
+            let store = BlobStore::open(&store)?;
+            std::fs::create_dir_all(&work_dir)
+                .with_context(|| format!("creating {}", work_dir.display()))?;
+            let opts = CompactOptions {
+                min_packs: min_packs.max(2),
+                grace: Duration::from_secs(grace_secs),
+            };
+            let r = gitstore::compact::compact(&store, &project, &work_dir, &opts).await?;
             println!("{}", serde_json::to_string(&r)?);
         }
         Command::CreateClient { name, store } => {

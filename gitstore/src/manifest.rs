@@ -98,7 +98,7 @@ pub async fn newest_generation(
         .await?;
     Ok(names
         .iter()
-        .filter_map(|(n, _)| n.strip_suffix(".json")?.parse::<u64>().ok())
+        .filter_map(|l| l.name.strip_suffix(".json")?.parse::<u64>().ok())
         .filter(|g| *g > after)
         .max())
 }

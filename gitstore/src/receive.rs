@@ -69,6 +69,8 @@ pub struct PushResult {
     pub generation: u64,
     pub updates: Vec<RefUpdate>,
     pub pack_bytes: u64,
+    /// Packs the project's manifest lists after this push.
+    pub packs: usize,
 }
 
 /// Why a push was refused; the text goes to the pusher.
@@ -248,6 +250,7 @@ async fn accept(ctx: &HookContext, updates: Vec<RefUpdate>) -> Result<PushResult
                     generation: next.generation,
                     updates,
                     pack_bytes: pack.as_ref().map_or(0, |(e, _, _)| e.pack_size),
+                    packs: next.packs.len(),
                 })
             }
             Publish::Lost => {

@@ -47,6 +47,7 @@ pub struct Config {
     pub hook_exe: PathBuf,
     /// Test-only fault injection handed to the hook.
     pub fault: Option<String>,
+    pub compact: crate::compact::CompactOptions,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -75,6 +76,8 @@ struct Inner {
     tokens: Mutex<HashMap<String, (Client, Instant)>>,
     /// project → owning client id; ownership never changes once written.
     owners: Mutex<HashMap<ProjectId, String>>,
+    /// Projects with a compaction running on this node.
+    compacting: Mutex<std::collections::HashSet<ProjectId>>,
 }
 
 const TOKEN_TTL: Duration = Duration::from_secs(5);
@@ -112,6 +115,7 @@ impl App {
             locks: Mutex::default(),
             tokens: Mutex::default(),
             owners: Mutex::default(),
+            compacting: Mutex::default(),
         })))
     }
 }
@@ -408,6 +412,31 @@ impl App {
     }
 }
 
+impl App {
+    /// Compacts `project` in the background, at most once at a time per project on this node.
+    fn spawn_compaction(&self, project: &ProjectId) {
+        if !self
+            .0
+            .compacting
+            .lock()
+            .expect("lock")
+            .insert(project.clone())
+        {
+            return;
+        }
+        let (app, project) = (self.clone(), project.clone());
+        tokio::spawn(async move {
+            let dir = app.0.cfg.data_dir.join("compact");
+            let res =
+                crate::compact::compact(&app.0.store, &project, &dir, &app.0.cfg.compact).await;
+            if let Err(e) = res {
+                log::warn!(project:% = project; "compaction failed, will retry after a later push: {e}");
+            }
+            app.0.compacting.lock().expect("lock").remove(&project);
+        });
+    }
+}
+
 fn bearer_or_basic(headers: &HeaderMap) -> Option<String> {
     let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
     if let Some(t) = v.strip_prefix("Bearer ") {
@@ -699,6 +728,9 @@ async fn receive_pack(
         .and_then(|b| serde_json::from_slice::<PushResult>(&b).ok())
     {
         Some(result) => {
+            if result.packs >= app.0.cfg.compact.min_packs {
+                app.spawn_compaction(&project);
+            }
             m.inc(&m.pushes_accepted);
             m.add(&m.push_pack_bytes, result.pack_bytes);
             for u in &result.updates {

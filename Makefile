@@ -1,0 +1,29 @@
+# Kiln: the two commands a fresh Debian/Ubuntu machine needs are `make up` and `make test`.
+.PHONY: up down test bench deps deps-test build lint
+
+CARGO ?= cargo
+
+up: deps build
+	bash provisioning/local.sh up
+
+down:
+	bash provisioning/local.sh down
+
+test: deps-test
+	$(CARGO) build --workspace --bins
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	$(CARGO) test --workspace
+
+bench: deps-test
+	$(CARGO) build --release --workspace --bins
+	$(CARGO) run --release -p kiln-tests --bin bench-push
+
+deps:
+	bash provisioning/deps.sh
+
+deps-test:
+	bash provisioning/deps.sh test
+
+build:
+	$(CARGO) build --release --workspace --bins

@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# The local stack on the embedded default (blob store = a directory), for `make up` / `make down`.
+# Everything lives in .kiln/local/; settings for scripts go to .kiln/local/credentials.env.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD/.kiln/local
+bin=$PWD/target/release
+git_port=${KILN_GIT_PORT:-7070}
+creds=$root/credentials.env
+mkdir -p "$root"/{store,gitstore-cache,logs,run}
+chmod 700 "$root"
+
+running() { [ -f "$root/run/$1.pid" ] && kill -0 "$(cat "$root/run/$1.pid")" 2>/dev/null; }
+
+stop() {
+  local pid
+  running "$1" || { rm -f "$root/run/$1.pid"; return 0; }
+  pid=$(cat "$root/run/$1.pid")
+  kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid"
+  for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  kill -KILL -- "-$pid" 2>/dev/null || true
+  rm -f "$root/run/$1.pid"
+  echo "stopped $1"
+}
+
+wait_healthy() { # name url log
+  for _ in $(seq 1 100); do
+    curl -fsS "$2" >/dev/null 2>&1 && return 0
+    running "$1" || break
+    sleep 0.1
+  done
+  echo "$1 did not become healthy at $2; last log lines:" >&2
+  tail -20 "$3" >&2
+  exit 1
+}
+
+up() {
+  [ -x "$bin/kiln-gitstore" ] || { echo "missing $bin/kiln-gitstore: run make up (it builds)" >&2; exit 1; }
+  if [ -f "$creds" ]; then . "$creds"; fi
+  : "${KILN_ADMIN_TOKEN:=kiln_admin_$(openssl rand -hex 24)}"
+  : "${KILN_WEBHOOK_SECRET:=$(openssl rand -hex 32)}"
+  if ! running gitstore; then
+    if curl -s -o /dev/null "http://127.0.0.1:$git_port/"; then
+      echo "port $git_port is taken by another program; set KILN_GIT_PORT" >&2; exit 1
+    fi
+    KILN_STORE_URL="file://$root/store" \
+    KILN_GITSTORE_DATA="$root/gitstore-cache" \
+    KILN_GITSTORE_LISTEN="127.0.0.1:$git_port" \
+    KILN_ADMIN_TOKEN_SHA256=$("$bin/kiln-gitstore" hash-token "$KILN_ADMIN_TOKEN") \
+    KILN_WEBHOOK_SECRET="$KILN_WEBHOOK_SECRET" \
+      setsid "$bin/kiln-gitstore" serve >>"$root/logs/gitstore.log" 2>&1 < /dev/null &
+    echo $! > "$root/run/gitstore.pid"
+  fi
+  wait_healthy gitstore "http://127.0.0.1:$git_port/healthz" "$root/logs/gitstore.log"
+  if [ -z "${KILN_TOKEN:-}" ]; then
+    KILN_TOKEN=$(curl -fsS -X POST -H "Authorization: Bearer $KILN_ADMIN_TOKEN" \
+      -H 'Content-Type: application/json' -d '{"name":"local"}' \
+      "http://127.0.0.1:$git_port/api/clients" | python3 -c 'import json,sys; print(json.load(sys.stdin)["token"])')
+  fi
+  umask 077
+  cat > "$creds" <<ENV
+# Written by make up. Source it: set -a; . .kiln/local/credentials.env; set +a
+KILN_TOKEN=$KILN_TOKEN
+KILN_ADMIN_TOKEN=$KILN_ADMIN_TOKEN
+KILN_WEBHOOK_SECRET=$KILN_WEBHOOK_SECRET
+KILN_GIT_URL=http://127.0.0.1:$git_port
+ENV
+  demo
+}
+
+# Shows a working result: push a tiny app to project "hello" and clone it back.
+demo() {
+  local d=$root/demo
+  rm -rf "$d" && mkdir -p "$d/app/src"
+  git -C "$d/app" init -q -b main
+  printf '<!doctype html><div id="root"></div><script type="module" src="/src/main.js"></script>\n' > "$d/app/index.html"
+  printf 'document.getElementById("root").textContent = "Hello from Kiln, %s";\n' "$(date -u +%FT%TZ)" > "$d/app/src/main.js"
+  git -C "$d/app" add -A
+  git -C "$d/app" -c user.email=demo@kiln.local -c user.name=demo commit -qm "demo $(date -u +%FT%TZ)"
+  local url="http://kiln:$KILN_TOKEN@127.0.0.1:$git_port/git/hello.git"
+  git -C "$d/app" push -q --force "$url" main 2>&1 | sed 's/^/  /'
+  git clone -q "$url" "$d/clone"
+  cat <<MSG
+
+Kiln is up (blob store: $root/store).
+  gitstore  http://127.0.0.1:$git_port   log: $root/logs/gitstore.log
+  demo push: project "hello" at $(git -C "$d/clone" log -1 --format='%h "%s"')
+
+Push an app:
+  set -a; . .kiln/local/credentials.env; set +a
+  git push "http://kiln:\$KILN_TOKEN@127.0.0.1:$git_port/git/my-app.git" main
+Stop with: make down
+MSG
+}
+
+case "${1:-}" in
+  up) up ;;
+  down) stop gitstore ;;
+  *) echo "usage: $0 up|down" >&2; exit 2 ;;
+esac
