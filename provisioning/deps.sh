@@ -3,6 +3,7 @@
 #   deps.sh        what `make up` needs (git, curl, openssl)
 #   deps.sh test   also what the tests need (Node.js + npm, Azurite)
 set -euo pipefail
+cd "$(dirname "$0")/.."
 need_apt=()
 for tool in git curl openssl; do command -v "$tool" >/dev/null || need_apt+=("$tool"); done
 if [ "${1:-}" = test ]; then
@@ -19,4 +20,6 @@ command -v cargo >/dev/null || { echo "cargo not found: install Rust from https:
 if [ "${1:-}" = test ]; then
   # 3.35 is the last Azurite that runs on Node 20.
   command -v azurite-blob >/dev/null || npm install -g --silent azurite@3.35.0
+  # Real JavaScript git clients for the client-compatibility tests, pinned by the lockfile.
+  [ -d tests/js/node_modules/isomorphic-git ] || (cd tests/js && npm ci --silent --no-audit --no-fund)
 fi
