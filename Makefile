@@ -16,8 +16,8 @@ test: deps-test
 	$(CARGO) test --workspace
 
 bench: deps-test
-	$(CARGO) build --release --workspace --bins
-	$(CARGO) run --release -p kiln-tests --bin bench-push
+	@test -f gitstore/benches/push.rs || { echo "the push benchmark (kiln vs git http-backend, tar.gz) is not written yet: issue 3 is open" >&2; exit 1; }
+	$(CARGO) bench -p kiln-gitstore --bench push
 
 deps:
 	bash provisioning/deps.sh
