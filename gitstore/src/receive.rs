@@ -73,21 +73,35 @@ pub struct PushResult {
     pub packs: usize,
 }
 
+/// Paths come from the pusher's tree; a raw escape sequence in a refusal would reach their
+/// terminal through git's `remote:` lines, so control characters are shown escaped.
+fn printable(path: &str) -> String {
+    path.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_unicode().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
 /// Why a push was refused; the text goes to the pusher.
 #[derive(Debug, thiserror::Error)]
 pub enum PushError {
-    #[error("{path}: {reason}")]
+    #[error("{}: {reason}", printable(.path))]
     UnsafePath {
         path: String,
         reason: path_policy::PathError,
     },
-    #[error("{path}: submodules (gitlinks) are not supported; vendor the code instead")]
+    #[error("{}: submodules (gitlinks) are not supported; vendor the code instead", printable(.path))]
     Gitlink { path: String },
-    #[error("{path}: file is {size} bytes, over the {limit}-byte limit")]
+    #[error("{}: file is {size} bytes, over the {limit}-byte limit", printable(.path))]
     FileTooLarge { path: String, size: u64, limit: u64 },
     #[error("commit {commit}: tree has more than {limit} files")]
     TooManyFiles { commit: String, limit: u64 },
-    #[error("{path}: directories nest deeper than {limit} levels")]
+    #[error("{}: directories nest deeper than {limit} levels", printable(.path))]
     TooDeep { path: String, limit: u32 },
     #[error("push is {size} bytes, over the {limit}-byte limit")]
     PushTooLarge { size: u64, limit: u64 },
@@ -449,7 +463,7 @@ fn check_new_history(
         let commit = gix::objs::CommitRef::from_bytes(data.data, gix::hash::Kind::Sha1)
             .map_err(|e| malformed(&id, e))?;
         let tree = commit.tree();
-        let files = checker.check_tree(&tree, "", 1)?;
+        let files = checker.check_tree(&tree, "", 0)?;
         if files > limits.max_tree_files {
             return Err(PushError::TooManyFiles {
                 commit: id.to_string(),
@@ -509,7 +523,7 @@ struct TreeChecker<'a> {
 }
 
 impl TreeChecker<'_> {
-    /// Checks the tree at `path` (depth 1 = root) and returns how many files it holds.
+    /// Checks the tree at `path` (depth 0 = root, so `a/b/c/` is 3 levels deep) and returns how many files it holds.
     fn check_tree(&mut self, id: &gix::ObjectId, path: &str, depth: u32) -> Result<u64, PushError> {
         if depth > self.limits.max_tree_depth {
             return Err(PushError::TooDeep {
@@ -575,7 +589,7 @@ impl TreeChecker<'_> {
             }
             if files > self.limits.max_tree_files {
                 return Err(PushError::TooManyFiles {
-                    commit: format!("at {child}"),
+                    commit: format!("at {}", printable(&child)),
                     limit: self.limits.max_tree_files,
                 });
             }

@@ -1,1 +1,944 @@
-//! Test harness.
+//! Harness for Kiln's end-to-end tests: real parts only.
+//!
+//! Every test drives the stock `git` CLI against real `kiln-gitstore` processes (and, for the
+//! Azure backend, a real Azurite), each started here on a free 127.0.0.1 port, in its own temp
+//! directory, and killed on drop together with every git child and hook it started. Nothing is
+//! mocked and nothing is skipped: a missing tool panics with the command that installs it.
+//!
+//! The public API, smallest useful set:
+//! - [`Gitstore`] (with [`Options`]): a running node; [`Gitstore::git_url`],
+//!   [`Gitstore::create_client`], [`Gitstore::http`], [`Gitstore::store_dir`], [`Gitstore::kill`].
+//! - [`Azurite`]: a running Azurite blob service with [`Azurite::create_container`].
+//! - [`Repo`]: a git working repository driven through the CLI; [`vite_app`] makes one with a
+//!   small Vite + React app committed on `main`.
+//! - [`http`]: a minimal HTTP/1.1 client (std only); [`Response`].
+//! - [`kiln_sync`]: the `kiln-gitstore sync` command; [`latest_manifest`], [`generation`] and
+//!   [`store_snapshot`] read a file store the way an operator would.
+//! - [`run`] / [`Output`]: run any command with a timeout.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The webhook secret every gitstore started by the harness signs with.
+pub const WEBHOOK_SECRET: &str = "kiln-test-webhook-secret-0123456789";
+
+/// The well-known Azurite account key (public, documented by Microsoft).
+pub const AZURITE_ACCOUNT_KEY: &str =
+    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
+
+/// How long any single external command may run before the harness kills it and fails the test.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(180);
+
+// ---------------------------------------------------------------------------------------------
+// Processes
+// ---------------------------------------------------------------------------------------------
+
+/// What a finished command printed, and whether it exited 0.
+#[derive(Clone, Debug)]
+pub struct Output {
+    pub ok: bool,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs `cmd` to completion (stdin closed) and captures its output; panics if it cannot start or
+/// runs longer than three minutes.
+pub fn run(cmd: &mut Command) -> Output {
+    run_with_input(cmd, None)
+}
+
+/// Like [`run`], feeding `input` to the command's stdin.
+pub fn run_with_input(cmd: &mut Command, input: Option<&[u8]>) -> Output {
+    let shown = format!("{cmd:?}");
+    let mut child = cmd
+        .stdin(if input.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {shown}: {e}"));
+    let writer = input.map(|bytes| {
+        let mut stdin = child.stdin.take().expect("piped stdin");
+        let bytes = bytes.to_vec();
+        std::thread::spawn(move || {
+            let _ = stdin.write_all(&bytes);
+        })
+    });
+    let mut out = child.stdout.take().expect("piped stdout");
+    let mut err = child.stderr.take().expect("piped stderr");
+    let out_reader = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = out.read_to_end(&mut v);
+        v
+    });
+    let err_reader = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = err.read_to_end(&mut v);
+        v
+    });
+    let started = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("waiting for a child") {
+            break s;
+        }
+        if started.elapsed() > COMMAND_TIMEOUT {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{shown} ran longer than {COMMAND_TIMEOUT:?}; killed");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    if let Some(w) = writer {
+        let _ = w.join();
+    }
+    Output {
+        ok: status.success(),
+        stdout: String::from_utf8_lossy(&out_reader.join().unwrap_or_default()).into_owned(),
+        stderr: String::from_utf8_lossy(&err_reader.join().unwrap_or_default()).into_owned(),
+    }
+}
+
+/// Panics with the install command unless `tool` is an executable on PATH.
+pub fn require_tool(tool: &str, install: &str) {
+    let found = std::env::var_os("PATH").is_some_and(|path| {
+        std::env::split_paths(&path).any(|dir| {
+            let p = dir.join(tool);
+            std::fs::metadata(&p).is_ok_and(|m| {
+                use std::os::unix::fs::PermissionsExt;
+                m.is_file() && m.permissions().mode() & 0o111 != 0
+            })
+        })
+    });
+    assert!(
+        found,
+        "`{tool}` is required by the end-to-end tests but is not on PATH; install it with: {install}"
+    );
+}
+
+/// The `kiln-gitstore` binary: `$KILN_BIN_DIR/kiln-gitstore`, else `<workspace>/target/debug`.
+pub fn kiln_bin() -> PathBuf {
+    let dir = std::env::var_os("KILN_BIN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug"));
+    let bin = dir.join("kiln-gitstore");
+    assert!(
+        bin.is_file(),
+        "{} is missing; build it with: cargo build -p kiln-gitstore",
+        bin.display()
+    );
+    bin
+}
+
+/// A free TCP port on 127.0.0.1 (bound to port 0, then released).
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("binding 127.0.0.1:0")
+        .port()
+}
+
+/// Kills a process group we started (its leader's pid is the group id) and reaps the leader.
+fn kill_group(child: &mut Child) {
+    if child.try_wait().ok().flatten().is_none() {
+        let _ = Command::new("sh")
+            .args(["-c", &format!("kill -9 -{}", child.id())])
+            .status();
+    }
+    let _ = child.wait();
+}
+
+/// The last `n` lines of a log file, for panic messages.
+fn tail(path: &Path, n: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+// ---------------------------------------------------------------------------------------------
+// gitstore
+// ---------------------------------------------------------------------------------------------
+
+/// How to start a gitstore node. `Default` gives a fresh file store in the node's temp dir.
+#[derive(Clone, Debug, Default)]
+pub struct Options {
+    /// Store URL (a directory, `file:///dir` or `az://container`); None = `<tempdir>/store`.
+    pub store: Option<String>,
+    /// Extra `serve` arguments, e.g. `["--max-file-bytes", "1024"]`.
+    pub args: Vec<String>,
+    /// Extra environment, e.g. Azurite's ([`Azurite::env`]) or `KILN_FAULT_INJECT`.
+    pub env: Vec<(String, String)>,
+    /// Admin token; the harness passes its SHA-256 (from `kiln-gitstore hash-token`).
+    pub admin_token: Option<String>,
+}
+
+impl Options {
+    /// Options with extra `serve` arguments and nothing else changed.
+    pub fn args(args: &[&str]) -> Self {
+        Self {
+            args: args.iter().map(|s| s.to_string()).collect(),
+            ..Self::default()
+        }
+    }
+}
+
+/// A running `kiln-gitstore serve`, killed (with its whole process group) on drop.
+pub struct Gitstore {
+    child: Child,
+    port: u16,
+    store: String,
+    env: Vec<(String, String)>,
+    dir: tempfile::TempDir,
+}
+
+impl Gitstore {
+    /// A node with a fresh file store and default limits.
+    pub fn start() -> Self {
+        Self::start_with(Options::default())
+    }
+
+    /// Starts a node and waits until `/healthz` answers 200 (20 s at most).
+    pub fn start_with(opts: Options) -> Self {
+        require_tool("git", "apt-get install -y git");
+        let bin = kiln_bin();
+        let mut dir = tempfile::Builder::new()
+            .prefix("kiln-gitstore-")
+            .tempdir()
+            .expect("temp dir");
+        let store = opts
+            .store
+            .clone()
+            .unwrap_or_else(|| dir.path().join("store").to_string_lossy().into_owned());
+        let mut extra = opts.args.clone();
+        if let Some(token) = &opts.admin_token {
+            let out = run(Command::new(&bin).args(["hash-token", token]));
+            assert!(out.ok, "kiln-gitstore hash-token failed: {}", out.stderr);
+            extra.extend(["--admin-token-sha256".into(), out.stdout.trim().to_owned()]);
+        }
+        let log_path = dir.path().join("gitstore.log");
+        // A port picked by binding :0 may be taken again before the server binds it: retry.
+        for _attempt in 0..5 {
+            let port = free_port();
+            let log = std::fs::File::create(&log_path).expect("log file");
+            let mut cmd = Command::new(&bin);
+            hermetic_env(&mut cmd);
+            cmd.arg("serve")
+                .args(["--listen", &format!("127.0.0.1:{port}")])
+                .args(["--store", &store])
+                .arg("--data-dir")
+                .arg(dir.path().join("cache"))
+                .args(["--webhook-secret", WEBHOOK_SECRET])
+                .args(&extra)
+                .envs(opts.env.iter().cloned())
+                .env("KILN_LOG", "info")
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().expect("log file"))
+                .stderr(log)
+                .process_group(0);
+            let child = cmd.spawn().expect("starting kiln-gitstore");
+            let mut node = Self {
+                child,
+                port,
+                store: store.clone(),
+                env: opts.env.clone(),
+                dir,
+            };
+            match node.wait_healthy() {
+                Ok(()) => return node,
+                Err(log) if log.contains("Address already in use") => {
+                    node.kill();
+                    dir = node.into_dir();
+                }
+                Err(log) => panic!(
+                    "kiln-gitstore on 127.0.0.1:{port} did not become healthy; last log lines:\n{log}"
+                ),
+            }
+        }
+        panic!("kiln-gitstore could not bind a free port in 5 attempts");
+    }
+
+    fn into_dir(mut self) -> tempfile::TempDir {
+        let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().expect("temp dir"));
+        drop(self);
+        dir
+    }
+
+    fn wait_healthy(&mut self) -> Result<(), String> {
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(20) {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Err(format!("(exited: {status})\n{}", self.log_tail(40)));
+            }
+            if let Ok(r) = try_http("GET", &format!("{}/healthz", self.base_url()), &[], b"") {
+                if r.status == 200 {
+                    return Ok(());
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Err(format!(
+            "(no 200 from /healthz within 20 s)\n{}",
+            self.log_tail(40)
+        ))
+    }
+
+    /// `http://127.0.0.1:<port>`.
+    pub fn base_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// The git remote URL of `project`, with `token` as the HTTP Basic password.
+    pub fn git_url(&self, token: &str, project: &str) -> String {
+        format!(
+            "http://kiln:{token}@127.0.0.1:{}/git/{project}.git",
+            self.port
+        )
+    }
+
+    /// The git remote URL of `project` without credentials.
+    pub fn anonymous_git_url(&self, project: &str) -> String {
+        format!("http://127.0.0.1:{}/git/{project}.git", self.port)
+    }
+
+    /// The store URL this node serves.
+    pub fn store_url(&self) -> &str {
+        &self.store
+    }
+
+    /// The store directory, for a node on a file store.
+    pub fn store_dir(&self) -> PathBuf {
+        let s = self.store.strip_prefix("file://").unwrap_or(&self.store);
+        assert!(s.starts_with('/'), "{} is not a file store", self.store);
+        PathBuf::from(s)
+    }
+
+    /// Creates an API client with `kiln-gitstore create-client` and returns its token.
+    pub fn create_client(&self, name: &str) -> String {
+        let mut cmd = Command::new(kiln_bin());
+        hermetic_env(&mut cmd);
+        let out = run(cmd
+            .args(["create-client", name, "--store", &self.store])
+            .envs(self.env.iter().cloned()));
+        assert!(out.ok, "kiln-gitstore create-client failed: {}", out.stderr);
+        let token = out.stdout.trim().to_owned();
+        assert!(token.starts_with("kiln_"), "unexpected token {token:?}");
+        token
+    }
+
+    /// An HTTP request to this node; `bearer` goes in `Authorization: Bearer`, a `body` is sent
+    /// as JSON.
+    pub fn http(
+        &self,
+        method: &str,
+        path: &str,
+        bearer: Option<&str>,
+        body: Option<&str>,
+    ) -> Response {
+        let auth = bearer.map(|t| format!("Bearer {t}"));
+        let mut headers: Vec<(&str, &str)> = Vec::new();
+        if let Some(a) = &auth {
+            headers.push(("Authorization", a));
+        }
+        if body.is_some() {
+            headers.push(("Content-Type", "application/json"));
+        }
+        http(
+            method,
+            &format!("{}{path}", self.base_url()),
+            &headers,
+            body.unwrap_or("").as_bytes(),
+        )
+    }
+
+    /// The node's log so far (stdout and stderr).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("gitstore.log")).unwrap_or_default()
+    }
+
+    fn log_tail(&self, n: usize) -> String {
+        tail(&self.dir.path().join("gitstore.log"), n)
+    }
+
+    /// SIGKILLs the node's process group: the server, its git children and their hooks.
+    pub fn kill(&mut self) {
+        kill_group(&mut self.child);
+    }
+}
+
+impl Drop for Gitstore {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            eprintln!(
+                "--- last lines of kiln-gitstore log (port {}) ---\n{}\n---",
+                self.port,
+                self.log_tail(30)
+            );
+        }
+    }
+}
+
+/// Clears variables that would make a child read the developer's configuration instead of the
+/// test's: git's global and system config, askpass helpers, and Kiln's own settings.
+fn hermetic_env(cmd: &mut Command) {
+    for (k, _) in std::env::vars_os() {
+        let k = k.to_string_lossy().into_owned();
+        if k.starts_with("KILN_")
+            || k.starts_with("GIT_")
+            || k.starts_with("AZURE_")
+            || k.starts_with("AZURITE_")
+            || k == "SSH_ASKPASS"
+        {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.env("GIT_CONFIG_GLOBAL", "/dev/null")
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("GIT_TERMINAL_PROMPT", "0")
+        .env("LC_ALL", "C");
+}
+
+// ---------------------------------------------------------------------------------------------
+// git
+// ---------------------------------------------------------------------------------------------
+
+/// Runs `git -C dir args...` hermetically (no global config, no prompts, fixed identity).
+pub fn git(dir: &Path, args: &[&str]) -> Output {
+    git_with_input(dir, args, None)
+}
+
+/// Like [`git`], feeding `input` to stdin.
+pub fn git_with_input(dir: &Path, args: &[&str], input: Option<&[u8]>) -> Output {
+    require_tool("git", "apt-get install -y git");
+    let mut cmd = Command::new("git");
+    hermetic_env(&mut cmd);
+    cmd.arg("-C")
+        .arg(dir)
+        .args(args)
+        .env("GIT_AUTHOR_NAME", "Kiln Test")
+        .env("GIT_AUTHOR_EMAIL", "test@kiln.invalid")
+        .env("GIT_COMMITTER_NAME", "Kiln Test")
+        .env("GIT_COMMITTER_EMAIL", "test@kiln.invalid");
+    run_with_input(&mut cmd, input)
+}
+
+/// A git working repository.
+#[derive(Clone, Debug)]
+pub struct Repo {
+    pub path: PathBuf,
+}
+
+impl Repo {
+    /// `git init -b main` at `path` (created if missing).
+    pub fn init(path: &Path) -> Self {
+        std::fs::create_dir_all(path).expect("creating repo dir");
+        let r = Self {
+            path: path.to_owned(),
+        };
+        r.git_ok(&["init", "-q", "-b", "main"]);
+        r
+    }
+
+    /// Clones `url` into `path`; Err carries git's output.
+    pub fn try_clone(url: &str, path: &Path, extra: &[&str]) -> Result<Self, Output> {
+        let parent = path.parent().expect("clone target has a parent");
+        std::fs::create_dir_all(parent).expect("creating clone parent");
+        let target = path.to_string_lossy();
+        let mut args: Vec<&str> = extra.to_vec();
+        args.extend(["clone", "-q", url, &target]);
+        let out = git(parent, &args);
+        if out.ok {
+            Ok(Self {
+                path: path.to_owned(),
+            })
+        } else {
+            Err(out)
+        }
+    }
+
+    /// Clones `url` into `path`, panicking with git's stderr on failure.
+    pub fn clone(url: &str, path: &Path) -> Self {
+        Self::try_clone(url, path, &[])
+            .unwrap_or_else(|o| panic!("git clone {url} failed:\n{}", o.stderr))
+    }
+
+    pub fn git(&self, args: &[&str]) -> Output {
+        git(&self.path, args)
+    }
+
+    pub fn git_with_input(&self, args: &[&str], input: &[u8]) -> Output {
+        git_with_input(&self.path, args, Some(input))
+    }
+
+    /// Runs git and returns its trimmed stdout; panics with stderr on failure.
+    pub fn git_ok(&self, args: &[&str]) -> String {
+        let out = self.git(args);
+        assert!(
+            out.ok,
+            "git {args:?} in {} failed:\n{}",
+            self.path.display(),
+            out.stderr
+        );
+        out.stdout.trim().to_owned()
+    }
+
+    /// Writes a file (creating directories) without committing.
+    pub fn write(&self, rel: &str, content: impl AsRef<[u8]>) {
+        let p = self.path.join(rel);
+        std::fs::create_dir_all(p.parent().expect("file has a parent")).expect("mkdir");
+        std::fs::write(p, content).expect("writing file");
+    }
+
+    /// Writes `rel`, commits everything with message `rel`, and returns the new commit id.
+    pub fn commit_file(&self, rel: &str, content: impl AsRef<[u8]>) -> String {
+        self.write(rel, content);
+        self.git_ok(&["add", "-A"]);
+        self.git_ok(&["commit", "-q", "-m", &format!("update {rel}")]);
+        self.head()
+    }
+
+    /// The commit `HEAD` points at.
+    pub fn head(&self) -> String {
+        self.git_ok(&["rev-parse", "HEAD"])
+    }
+
+    /// `git push <url> <refspecs...>`.
+    pub fn push(&self, url: &str, refspecs: &[&str]) -> Output {
+        let mut args = vec!["push", url];
+        args.extend(refspecs);
+        self.git(&args)
+    }
+}
+
+/// A new repository at `path` with a small Vite + React app (about a dozen files, including a
+/// ~40 KB lockfile of incompressible hashes) committed on `main`; `title` varies the content.
+pub fn vite_app(path: &Path, title: &str) -> Repo {
+    use base64::Engine;
+    use sha2::Digest;
+    let r = Repo::init(path);
+    let mut lock =
+        String::from("{\n  \"name\": \"app\",\n  \"lockfileVersion\": 3,\n  \"packages\": {\n");
+    for i in 0..300 {
+        let digest = sha2::Sha512::digest(format!("{title}/pkg-{i}"));
+        let integrity = base64::engine::general_purpose::STANDARD.encode(digest);
+        lock.push_str(&format!(
+            "    \"node_modules/pkg-{i}\": {{ \"version\": \"1.{i}.0\", \"integrity\": \"sha512-{integrity}\" }},\n"
+        ));
+    }
+    lock.push_str("    \"\": {}\n  }\n}\n");
+    let files: [(&str, String); 12] = [
+        ("package.json", r#"{"name":"app","private":true,"type":"module","scripts":{"dev":"vite","build":"vite build"},"dependencies":{"react":"^18.3.1","react-dom":"^18.3.1"},"devDependencies":{"@vitejs/plugin-react":"^4.3.1","vite":"^5.4.0"}}
+"#.into()),
+        ("package-lock.json", lock),
+        ("index.html", "<!doctype html>\n<html><head><meta charset=\"UTF-8\"><title>app</title></head>\n<body><div id=\"root\"></div><script type=\"module\" src=\"/src/main.jsx\"></script></body></html>\n".into()),
+        ("vite.config.js", "import { defineConfig } from 'vite'\nimport react from '@vitejs/plugin-react'\nexport default defineConfig({ plugins: [react()] })\n".into()),
+        ("src/main.jsx", "import { StrictMode } from 'react'\nimport { createRoot } from 'react-dom/client'\nimport App from './App.jsx'\nimport './index.css'\ncreateRoot(document.getElementById('root')).render(<StrictMode><App /></StrictMode>)\n".into()),
+        ("src/App.jsx", format!("import Header from './components/Header.jsx'\nimport Button from './components/Button.jsx'\nimport './App.css'\nexport default function App() {{\n  return <main><Header title={title:?} /><Button /></main>\n}}\n")),
+        ("src/App.css", "main { max-width: 40rem; margin: 0 auto; }\n".into()),
+        ("src/index.css", ":root { font-family: system-ui, sans-serif; }\n".into()),
+        ("src/components/Header.jsx", "export default function Header({ title }) { return <h1>{title}</h1> }\n".into()),
+        ("src/components/Button.jsx", "import { useState } from 'react'\nexport default function Button() {\n  const [n, setN] = useState(0)\n  return <button onClick={() => setN(n + 1)}>clicked {n}</button>\n}\n".into()),
+        ("public/favicon.svg", "<svg xmlns=\"http://www.w3.org/2000/svg\" viewBox=\"0 0 16 16\"><circle cx=\"8\" cy=\"8\" r=\"8\"/></svg>\n".into()),
+        (".gitignore", "node_modules\ndist\n".into()),
+    ];
+    for (rel, content) in files {
+        r.write(rel, content);
+    }
+    r.git_ok(&["add", "-A"]);
+    r.git_ok(&["commit", "-q", "-m", "scaffold app"]);
+    r
+}
+
+// ---------------------------------------------------------------------------------------------
+// The store, as an operator sees it
+// ---------------------------------------------------------------------------------------------
+
+/// The newest manifest of `project` in the file store at `store_dir`, if any.
+pub fn latest_manifest(store_dir: &Path, project: &str) -> Option<serde_json::Value> {
+    let dir = store_dir.join(format!("projects/{project}/manifests"));
+    let mut names: Vec<PathBuf> = std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "json"))
+        .collect();
+    names.sort();
+    let newest = names.pop()?;
+    let bytes = std::fs::read(&newest).expect("reading manifest");
+    Some(serde_json::from_slice(&bytes).expect("manifest is JSON"))
+}
+
+/// The current manifest generation of `project` (0 when never pushed).
+pub fn generation(store_dir: &Path, project: &str) -> u64 {
+    latest_manifest(store_dir, project).map_or(0, |m| {
+        m["generation"].as_u64().expect("generation is a number")
+    })
+}
+
+/// Every file under `projects/<project>/` in a file store, with its size: compare two snapshots
+/// to show a refused push left the store as it was.
+pub fn store_snapshot(store_dir: &Path, project: &str) -> BTreeMap<String, u64> {
+    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, u64>) {
+        let Ok(read) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for e in read.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                walk(root, &p, out);
+            } else {
+                let rel = p.strip_prefix(root).expect("under root");
+                let len = e.metadata().map_or(0, |m| m.len());
+                out.insert(rel.to_string_lossy().into_owned(), len);
+            }
+        }
+    }
+    let root = store_dir.join(format!("projects/{project}"));
+    let mut out = BTreeMap::new();
+    walk(&root, &root, &mut out);
+    out
+}
+
+/// The outcome of `kiln-gitstore sync`.
+#[derive(Debug)]
+pub struct SyncRun {
+    pub ok: bool,
+    /// The JSON report (its last stdout line), or Null when there was none.
+    pub report: serde_json::Value,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs `kiln-gitstore sync <project> <dir> --store <store>` with `env` added.
+pub fn kiln_sync(store: &str, env: &[(String, String)], project: &str, dir: &Path) -> SyncRun {
+    let mut cmd = Command::new(kiln_bin());
+    hermetic_env(&mut cmd);
+    let out = run(cmd
+        .args(["sync", project])
+        .arg(dir)
+        .args(["--store", store])
+        .envs(env.iter().cloned()));
+    let report = out
+        .stdout
+        .lines()
+        .last()
+        .and_then(|l| serde_json::from_str(l).ok())
+        .unwrap_or(serde_json::Value::Null);
+    SyncRun {
+        ok: out.ok,
+        report,
+        stdout: out.stdout,
+        stderr: out.stderr,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// HTTP
+// ---------------------------------------------------------------------------------------------
+
+/// An HTTP response.
+#[derive(Clone, Debug)]
+pub struct Response {
+    pub status: u16,
+    /// Header names lower-cased, in order received.
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl Response {
+    /// The first header named `name` (case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        let name = name.to_ascii_lowercase();
+        self.headers
+            .iter()
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The body parsed as JSON; panics (showing the body) if it is not.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body)
+            .unwrap_or_else(|e| panic!("body is not JSON ({e}): {}", self.body))
+    }
+}
+
+/// One HTTP/1.1 request over a fresh connection (`http://host:port/path` only); panics if the
+/// server cannot be reached or answers garbage.
+pub fn http(method: &str, url: &str, headers: &[(&str, &str)], body: &[u8]) -> Response {
+    try_http(method, url, headers, body).unwrap_or_else(|e| panic!("{method} {url}: {e}"))
+}
+
+fn try_http(
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Result<Response, String> {
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or_else(|| format!("only http:// URLs are supported: {url}"))?;
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    let mut s = TcpStream::connect(authority).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(120)))
+        .map_err(|e| e.to_string())?;
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes())
+        .and_then(|_| s.write_all(body))
+        .map_err(|e| e.to_string())?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).map_err(|e| e.to_string())?;
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or("response without a header end")?;
+    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+    let mut payload = raw[split + 4..].to_vec();
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().unwrap_or_default();
+    let status = status_line
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| format!("bad status line {status_line:?}"))?;
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    let chunked = headers
+        .iter()
+        .any(|(k, v)| k == "transfer-encoding" && v.eq_ignore_ascii_case("chunked"));
+    if chunked {
+        payload = dechunk(&payload)?;
+    }
+    Ok(Response {
+        status,
+        headers,
+        body: String::from_utf8_lossy(&payload).into_owned(),
+    })
+}
+
+fn dechunk(mut data: &[u8]) -> Result<Vec<u8>, String> {
+    let mut out = Vec::new();
+    loop {
+        let eol = data
+            .windows(2)
+            .position(|w| w == b"\r\n")
+            .ok_or("truncated chunk size")?;
+        let size_text = String::from_utf8_lossy(&data[..eol]);
+        let size = usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16)
+            .map_err(|_| format!("bad chunk size {size_text:?}"))?;
+        data = &data[eol + 2..];
+        if size == 0 {
+            return Ok(out);
+        }
+        if data.len() < size + 2 {
+            return Err("truncated chunk".into());
+        }
+        out.extend_from_slice(&data[..size]);
+        data = &data[size + 2..];
+    }
+}
+
+/// `Wed, 21 Oct 2015 07:28:00 GMT` for now (RFC 7231 IMF-fixdate).
+fn http_date_now() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_secs() as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    const WEEKDAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    format!(
+        "{}, {day:02} {} {year} {:02}:{:02}:{:02} GMT",
+        WEEKDAYS[days.rem_euclid(7) as usize],
+        MONTHS[(month - 1) as usize],
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// Azurite
+// ---------------------------------------------------------------------------------------------
+
+/// A running Azurite blob service (`azurite-blob`), killed on drop.
+pub struct Azurite {
+    child: Child,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl Azurite {
+    /// Starts Azurite on a free port and waits (30 s at most) until it accepts connections.
+    pub fn start() -> Self {
+        require_tool("azurite-blob", "npm i -g azurite@3.35.0");
+        let dir = tempfile::Builder::new()
+            .prefix("kiln-azurite-")
+            .tempdir()
+            .expect("temp dir");
+        let log_path = dir.path().join("azurite.log");
+        let port = free_port();
+        let log = std::fs::File::create(&log_path).expect("log file");
+        let child = Command::new("azurite-blob")
+            .args(["--blobHost", "127.0.0.1", "--blobPort", &port.to_string()])
+            .arg("--location")
+            .arg(dir.path().join("data"))
+            .args(["--disableTelemetry", "--silent"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log file"))
+            .stderr(log)
+            .process_group(0)
+            .spawn()
+            .expect("starting azurite-blob");
+        let mut az = Self { child, port, dir };
+        let started = Instant::now();
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Ok(Some(status)) = az.child.try_wait() {
+                panic!(
+                    "azurite-blob exited ({status}) before listening on {port}; log:\n{}",
+                    tail(&log_path, 40)
+                );
+            }
+            if started.elapsed() > Duration::from_secs(30) {
+                az.kill();
+                panic!(
+                    "azurite-blob did not listen on 127.0.0.1:{port} within 30 s; log:\n{}",
+                    tail(&log_path, 40)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        az
+    }
+
+    /// The environment object_store (and so gitstore) needs to use this Azurite.
+    pub fn env(&self) -> Vec<(String, String)> {
+        vec![
+            ("AZURE_STORAGE_USE_EMULATOR".into(), "true".into()),
+            (
+                "AZURITE_BLOB_STORAGE_URL".into(),
+                format!("http://127.0.0.1:{}", self.port),
+            ),
+            (
+                "AZURE_STORAGE_ACCOUNT_NAME".into(),
+                "devstoreaccount1".into(),
+            ),
+            (
+                "AZURE_STORAGE_ACCOUNT_KEY".into(),
+                AZURITE_ACCOUNT_KEY.into(),
+            ),
+        ]
+    }
+
+    /// Options for a gitstore node on container `container` of this Azurite.
+    pub fn gitstore_options(&self, container: &str) -> Options {
+        Options {
+            store: Some(format!("az://{container}")),
+            env: self.env(),
+            ..Options::default()
+        }
+    }
+
+    /// Creates `container` with a SharedKey-signed `PUT ?restype=container` (object_store cannot
+    /// create containers); panics unless Azurite answers 201.
+    pub fn create_container(&self, container: &str) {
+        use base64::Engine;
+        use hmac::Mac;
+        let account = "devstoreaccount1";
+        let date = http_date_now();
+        let version = "2021-08-06";
+        // VERB, 11 standard headers (all empty; Content-Length is empty for 0 since 2015-02-21),
+        // canonicalized x-ms- headers, canonicalized resource (the emulator's path repeats the
+        // account).
+        let string_to_sign = format!(
+            "PUT\n\n\n\n\n\n\n\n\n\n\n\nx-ms-date:{date}\nx-ms-version:{version}\n/{account}/{account}/{container}\nrestype:container"
+        );
+        let key = base64::engine::general_purpose::STANDARD
+            .decode(AZURITE_ACCOUNT_KEY)
+            .expect("account key is base64");
+        let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(&key).expect("any key length");
+        mac.update(string_to_sign.as_bytes());
+        let signature =
+            base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes());
+        let auth = format!("SharedKey {account}:{signature}");
+        let r = http(
+            "PUT",
+            &format!(
+                "http://127.0.0.1:{}/{account}/{container}?restype=container",
+                self.port
+            ),
+            &[
+                ("x-ms-date", &date),
+                ("x-ms-version", version),
+                ("Authorization", &auth),
+            ],
+            b"",
+        );
+        assert_eq!(
+            r.status,
+            201,
+            "creating Azurite container {container}: {}\nlog:\n{}",
+            r.body,
+            tail(&self.dir.path().join("azurite.log"), 20)
+        );
+    }
+
+    fn kill(&mut self) {
+        kill_group(&mut self.child);
+    }
+}
+
+impl Drop for Azurite {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn http_date_has_the_imf_fixdate_shape() {
+        let d = http_date_now();
+        assert!(d.ends_with(" GMT") && d.len() == 29, "{d}");
+        assert_eq!(&d[3..5], ", ");
+    }
+
+    #[test]
+    fn dechunk_joins_chunks() {
+        assert_eq!(
+            dechunk(b"3\r\nabc\r\n2;x=y\r\nde\r\n0\r\n\r\n").unwrap(),
+            b"abcde"
+        );
+    }
+}
