@@ -25,7 +25,7 @@ impl Delivery {
     }
 }
 
-fn read_request(s: &mut TcpStream) -> Option<(String, Vec<(String, String)>, Vec<u8>)> {
+fn read_request(s: &mut TcpStream, at: Instant) -> Option<Delivery> {
     let mut head = Vec::new();
     let mut byte = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
@@ -48,7 +48,12 @@ fn read_request(s: &mut TcpStream) -> Option<(String, Vec<(String, String)>, Vec
         .unwrap_or(0);
     let mut body = vec![0u8; len];
     s.read_exact(&mut body).ok()?;
-    Some((request_line, headers, body))
+    Some(Delivery {
+        at,
+        request_line,
+        headers,
+        body,
+    })
 }
 
 /// A receiver on a free port that answers 500 to its first request and 200 to every later one,
@@ -60,7 +65,7 @@ fn flaky_receiver() -> (u16, mpsc::Receiver<Delivery>) {
     std::thread::spawn(move || {
         for (n, stream) in listener.incoming().enumerate() {
             let Ok(mut s) = stream else { continue };
-            let Some((request_line, headers, body)) = read_request(&mut s) else {
+            let Some(d) = read_request(&mut s, Instant::now()) else {
                 continue;
             };
             let status = if n == 0 {
@@ -72,12 +77,6 @@ fn flaky_receiver() -> (u16, mpsc::Receiver<Delivery>) {
                 s,
                 "HTTP/1.1 {status}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
             );
-            let d = Delivery {
-                at: Instant::now(),
-                request_line,
-                headers,
-                body,
-            };
             if tx.send(d).is_err() {
                 return;
             }
