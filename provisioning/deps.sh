@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
 # Installs what Kiln needs on Debian/Ubuntu, skipping what is already there.
-#   deps.sh        what `make up` needs (git, curl, openssl)
-#   deps.sh test   also what the tests need (Node.js + npm, Azurite)
+#   deps.sh        what `make up` needs: git, curl, openssl, util-linux (unshare), Node.js, pnpm
+#   deps.sh test   also what the tests need: Azurite, the JavaScript git clients
 set -euo pipefail
 cd "$(dirname "$0")/.."
+PNPM_VERSION=10.34.9
 need_apt=()
-for tool in git curl openssl; do command -v "$tool" >/dev/null || need_apt+=("$tool"); done
-if [ "${1:-}" = test ]; then
-  command -v node >/dev/null || need_apt+=(nodejs)
-  command -v npm >/dev/null || need_apt+=(npm)
-fi
+for tool in git curl openssl unshare python3; do
+  command -v "$tool" >/dev/null || case $tool in
+    unshare) need_apt+=(util-linux) ;;
+    *) need_apt+=("$tool") ;;
+  esac
+done
+command -v node >/dev/null || need_apt+=(nodejs)
+command -v npm >/dev/null || need_apt+=(npm)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "installing ${need_apt[*]}" >&2
   sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo
@@ -17,6 +21,10 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need_apt[@]}"
 fi
 command -v cargo >/dev/null || { echo "cargo not found: install Rust from https://rustup.rs" >&2; exit 1; }
+# The agent runs pnpm inside its sandbox, which sees only /usr: install it globally there.
+if [ "$(pnpm --version 2>/dev/null)" != "$PNPM_VERSION" ]; then
+  npm install -g --silent --no-fund --no-audit "pnpm@$PNPM_VERSION"
+fi
 if [ "${1:-}" = test ]; then
   # 3.35 is the last Azurite that runs on Node 20.
   command -v azurite-blob >/dev/null || npm install -g --silent azurite@3.35.0

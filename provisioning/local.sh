@@ -6,8 +6,9 @@ cd "$(dirname "$0")/.."
 root=$PWD/.kiln/local
 bin=$PWD/target/release
 git_port=${KILN_GIT_PORT:-7070}
+agent_port=${KILN_AGENT_PORT:-7080}
 creds=$root/credentials.env
-mkdir -p "$root"/{store,gitstore-cache,logs,run}
+mkdir -p "$root"/{store,gitstore-cache,agent,www,logs,run}
 chmod 700 "$root"
 
 running() { [ -f "$root/run/$1.pid" ] && kill -0 "$(cat "$root/run/$1.pid")" 2>/dev/null; }
@@ -34,24 +35,47 @@ wait_healthy() { # name url log
   exit 1
 }
 
+port_free() { # port name
+  if curl -s -o /dev/null "http://127.0.0.1:$1/"; then
+    echo "port $1 is taken by another program; set $2" >&2; exit 1
+  fi
+}
+
 up() {
-  [ -x "$bin/kiln-gitstore" ] || { echo "missing $bin/kiln-gitstore: run make up (it builds)" >&2; exit 1; }
+  for b in kiln-gitstore kiln-agent; do
+    [ -x "$bin/$b" ] || { echo "missing $bin/$b: run make up (it builds)" >&2; exit 1; }
+  done
+  [ "$(id -u)" = 0 ] || { echo "the agent needs root for its build sandbox (cgroups, namespaces): run sudo make up" >&2; exit 1; }
+  # Installs and builds run as this unprivileged user.
+  id kiln-build >/dev/null 2>&1 || useradd --system --no-create-home --shell /usr/sbin/nologin kiln-build
   if [ -f "$creds" ]; then . "$creds"; fi
   : "${KILN_ADMIN_TOKEN:=kiln_admin_$(openssl rand -hex 24)}"
   : "${KILN_WEBHOOK_SECRET:=$(openssl rand -hex 32)}"
-  if ! running gitstore; then
-    if curl -s -o /dev/null "http://127.0.0.1:$git_port/"; then
-      echo "port $git_port is taken by another program; set KILN_GIT_PORT" >&2; exit 1
-    fi
-    KILN_STORE_URL="file://$root/store" \
-    KILN_GITSTORE_DATA="$root/gitstore-cache" \
-    KILN_GITSTORE_LISTEN="127.0.0.1:$git_port" \
-    KILN_ADMIN_TOKEN_SHA256=$("$bin/kiln-gitstore" hash-token "$KILN_ADMIN_TOKEN") \
-    KILN_WEBHOOK_SECRET="$KILN_WEBHOOK_SECRET" \
-      setsid "$bin/kiln-gitstore" serve >>"$root/logs/gitstore.log" 2>&1 < /dev/null &
-    echo $! > "$root/run/gitstore.pid"
-  fi
+  # Restart both so they always run with the settings below.
+  stop agent >/dev/null; stop gitstore >/dev/null
+  port_free "$agent_port" KILN_AGENT_PORT
+  port_free "$git_port" KILN_GIT_PORT
+  local admin_sha
+  admin_sha=$("$bin/kiln-gitstore" hash-token "$KILN_ADMIN_TOKEN")
+  KILN_STORE_URL="file://$root/store" \
+  KILN_AGENT_STATE="$root/agent" \
+  KILN_PUBLISH_DIR="$root/www" \
+  KILN_AGENT_LISTEN="127.0.0.1:$agent_port" \
+  KILN_PREVIEW_URL="${KILN_PREVIEW_URL:-file://$root/www}" \
+  KILN_ADMIN_TOKEN_SHA256="$admin_sha" \
+  KILN_WEBHOOK_SECRET="$KILN_WEBHOOK_SECRET" \
+    setsid "$bin/kiln-agent" serve >>"$root/logs/agent.log" 2>&1 < /dev/null &
+  echo $! > "$root/run/agent.pid"
+  KILN_STORE_URL="file://$root/store" \
+  KILN_GITSTORE_DATA="$root/gitstore-cache" \
+  KILN_GITSTORE_LISTEN="127.0.0.1:$git_port" \
+  KILN_ADMIN_TOKEN_SHA256="$admin_sha" \
+  KILN_WEBHOOK_SECRET="$KILN_WEBHOOK_SECRET" \
+  KILN_AGENT_URLS="http://127.0.0.1:$agent_port" \
+    setsid "$bin/kiln-gitstore" serve >>"$root/logs/gitstore.log" 2>&1 < /dev/null &
+  echo $! > "$root/run/gitstore.pid"
   wait_healthy gitstore "http://127.0.0.1:$git_port/healthz" "$root/logs/gitstore.log"
+  wait_healthy agent "http://127.0.0.1:$agent_port/healthz" "$root/logs/agent.log"
   if [ -z "${KILN_TOKEN:-}" ]; then
     KILN_TOKEN=$(curl -fsS -X POST -H "Authorization: Bearer $KILN_ADMIN_TOKEN" \
       -H 'Content-Type: application/json' -d '{"name":"local"}' \
@@ -64,6 +88,7 @@ KILN_TOKEN=$KILN_TOKEN
 KILN_ADMIN_TOKEN=$KILN_ADMIN_TOKEN
 KILN_WEBHOOK_SECRET=$KILN_WEBHOOK_SECRET
 KILN_GIT_URL=http://127.0.0.1:$git_port
+KILN_AGENT_URL=http://127.0.0.1:$agent_port
 ENV
   demo
 }
@@ -80,21 +105,34 @@ demo() {
   local url="http://kiln:$KILN_TOKEN@127.0.0.1:$git_port/git/hello.git"
   git -C "$d/app" push -q --force "$url" main 2>&1 | sed 's/^/  /'
   git clone -q "$url" "$d/clone"
+  local commit state=""
+  commit=$(git -C "$d/app" rev-parse HEAD)
+  for _ in $(seq 1 300); do
+    state=$(curl -fsS -H "Authorization: Bearer $KILN_TOKEN" "http://127.0.0.1:$agent_port/status/hello" 2>/dev/null \
+      | python3 -c "import json,sys; s=json.load(sys.stdin); print(s['state'] if s.get('commit')=='$commit' else '')" 2>/dev/null) || state=
+    case "$state" in ready|failed|timed_out|cancelled) break ;; esac
+    sleep 0.1
+  done
+  [ "$state" = ready ] || { echo "the demo build did not become ready (state: ${state:-none}); see $root/logs/agent.log" >&2; exit 1; }
   cat <<MSG
 
 Kiln is up (blob store: $root/store).
   gitstore  http://127.0.0.1:$git_port   log: $root/logs/gitstore.log
-  demo push: project "hello" at $(git -C "$d/clone" log -1 --format='%h "%s"')
+  agent     http://127.0.0.1:$agent_port   log: $root/logs/agent.log
+  demo push: project "hello" at $(git -C "$d/clone" log -1 --format='%h "%s"'), built and published:
+    $root/www/hello/current/index.html
 
-Push an app:
+Push an app; the push alone builds it:
   set -a; . .kiln/local/credentials.env; set +a
   git push "http://kiln:\$KILN_TOKEN@127.0.0.1:$git_port/git/my-app.git" main
+  curl -H "Authorization: Bearer \$KILN_TOKEN" \$KILN_AGENT_URL/status/my-app
+  curl -H "Authorization: Bearer \$KILN_TOKEN" "\$KILN_AGENT_URL/logs/my-app?follow=1"
 Stop with: make down
 MSG
 }
 
 case "${1:-}" in
   up) up ;;
-  down) stop gitstore ;;
+  down) stop gitstore; stop agent ;;
   *) echo "usage: $0 up|down" >&2; exit 2 ;;
 esac

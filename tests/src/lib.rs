@@ -123,22 +123,27 @@ pub fn require_tool(tool: &str, install: &str) {
     );
 }
 
-/// The `kiln-gitstore` binary: `$KILN_BIN_DIR/kiln-gitstore`, else `<workspace>/target/debug`.
-pub fn kiln_bin() -> PathBuf {
+/// A Kiln binary: `$KILN_BIN_DIR/<name>`, else `<workspace>/target/debug/<name>`.
+pub fn bin(name: &str) -> PathBuf {
     let dir = std::env::var_os("KILN_BIN_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug"));
-    let bin = dir.join("kiln-gitstore");
+    let bin = dir.join(name);
     assert!(
         bin.is_file(),
-        "{} is missing; build it with: cargo build -p kiln-gitstore",
+        "{} is missing; build it with: cargo build --workspace --bins",
         bin.display()
     );
     bin
 }
 
+/// The `kiln-gitstore` binary.
+pub fn kiln_bin() -> PathBuf {
+    bin("kiln-gitstore")
+}
+
 /// A free TCP port on 127.0.0.1 (bound to port 0, then released).
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("binding 127.0.0.1:0")
@@ -920,6 +925,223 @@ impl Azurite {
 impl Drop for Azurite {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The agent, with a gitstore that notifies it
+// ---------------------------------------------------------------------------------------------
+
+/// The uid:gid installs and builds run as in tests; it needs no host account because the
+/// sandbox writes its own /etc/passwd.
+pub const SANDBOX_USER: &str = "64200:64200";
+
+/// The pnpm store and node_modules volume shared by every test agent, so each test does not
+/// download the same packages again; pnpm's store is safe to share between concurrent installs.
+pub fn shared_volume() -> PathBuf {
+    std::env::temp_dir().join("kiln-test-volume")
+}
+
+/// A running `kiln-agent serve` and a gitstore whose pushes notify it, sharing a file store.
+/// Both are killed on drop.
+pub struct Stack {
+    pub gitstore: Gitstore,
+    pub agent: Child,
+    pub agent_port: u16,
+    /// A client token that owns the projects the test pushes.
+    pub token: String,
+    dir: tempfile::TempDir,
+}
+
+impl Stack {
+    pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// Starts the agent with extra `serve` arguments, then a gitstore pointed at it.
+    pub fn start_with(agent_args: &[&str]) -> Self {
+        require_tool("pnpm", "npm install -g pnpm@10");
+        require_tool("node", "apt-get install -y nodejs npm");
+        require_tool("unshare", "apt-get install -y util-linux");
+        let dir = tempfile::Builder::new()
+            .prefix("kiln-stack-")
+            .tempdir()
+            .expect("temp dir");
+        let store = dir.path().join("store");
+        std::fs::create_dir_all(&store).expect("store dir");
+        let port = free_port();
+        let log = std::fs::File::create(dir.path().join("agent.log")).expect("log file");
+        let mut cmd = Command::new(bin("kiln-agent"));
+        hermetic_env(&mut cmd);
+        cmd.arg("serve")
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .arg("--store")
+            .arg(&store)
+            .arg("--state-dir")
+            .arg(dir.path().join("state"))
+            .arg("--publish-dir")
+            .arg(dir.path().join("www"))
+            .arg("--volume-dir")
+            .arg(shared_volume())
+            .args(["--webhook-secret", WEBHOOK_SECRET])
+            .args(["--sandbox-user", SANDBOX_USER])
+            .args(["--preview-url", "http://127.0.0.1:9/"])
+            .args(agent_args)
+            .env("KILN_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log file"))
+            .stderr(log)
+            .process_group(0);
+        let agent = cmd.spawn().expect("starting kiln-agent");
+        let gitstore = Gitstore::start_with(Options {
+            store: Some(store.to_string_lossy().into_owned()),
+            args: vec!["--agent-url".into(), format!("http://127.0.0.1:{port}")],
+            ..Options::default()
+        });
+        let token = gitstore.create_client("agent-tests");
+        let mut stack = Self {
+            gitstore,
+            agent,
+            agent_port: port,
+            token,
+            dir,
+        };
+        stack.wait_agent_healthy();
+        stack
+    }
+
+    fn wait_agent_healthy(&mut self) {
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(20) {
+            if let Ok(Some(status)) = self.agent.try_wait() {
+                panic!("kiln-agent exited ({status}):\n{}", self.agent_log());
+            }
+            if let Ok(r) = try_http("GET", &format!("{}/healthz", self.agent_url()), &[], b"") {
+                if r.status == 200 {
+                    return;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!(
+            "kiln-agent did not become healthy within 20 s:\n{}",
+            self.agent_log()
+        );
+    }
+
+    pub fn agent_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.agent_port)
+    }
+
+    pub fn agent_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default()
+    }
+
+    /// Where the agent publishes: `<publish>/<project>/current/`.
+    pub fn publish_dir(&self) -> PathBuf {
+        self.dir.path().join("www")
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    /// A request to the agent with the client token.
+    pub fn agent_http(&self, method: &str, path: &str) -> Response {
+        let auth = format!("Bearer {}", self.token);
+        http(
+            method,
+            &format!("{}{path}", self.agent_url()),
+            &[("Authorization", &auth)],
+            b"",
+        )
+    }
+
+    pub fn status(&self, project: &str) -> serde_json::Value {
+        let r = self.agent_http("GET", &format!("/status/{project}"));
+        assert_eq!(r.status, 200, "status of {project}: {}", r.body);
+        r.json()
+    }
+
+    /// Waits until the agent's status for `project` is at `commit` and no longer building;
+    /// returns the status.
+    pub fn wait_settled(
+        &self,
+        project: &str,
+        commit: &str,
+        timeout: Duration,
+    ) -> serde_json::Value {
+        let started = Instant::now();
+        let mut last = serde_json::Value::Null;
+        while started.elapsed() < timeout {
+            let r = self.agent_http("GET", &format!("/status/{project}"));
+            if r.status == 200 {
+                last = r.json();
+                let active = matches!(
+                    last["state"].as_str(),
+                    Some("queued" | "syncing" | "installing" | "building" | "publishing")
+                );
+                if last["commit"].as_str() == Some(commit) && !active {
+                    return last;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!(
+            "{project} did not settle at {commit} within {timeout:?}; last status: {last:#}\nagent log:\n{}",
+            self.agent_log()
+        );
+    }
+
+    /// The build log of the current build.
+    pub fn build_log(&self, project: &str) -> String {
+        self.agent_http("GET", &format!("/logs/{project}")).body
+    }
+
+    /// The published file `rel` of `project`'s current build.
+    pub fn published(&self, project: &str, rel: &str) -> Option<String> {
+        std::fs::read_to_string(self.publish_dir().join(project).join("current").join(rel)).ok()
+    }
+
+    /// Pushes `repo`'s main to `project`.
+    pub fn push(&self, repo: &Repo, project: &str) {
+        let out = repo.push(&self.gitstore.git_url(&self.token, project), &["main"]);
+        assert!(out.ok, "push to {project} failed: {}", out.stderr);
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        kill_group(&mut self.agent);
+        if std::thread::panicking() {
+            eprintln!(
+                "--- kiln-agent log ---\n{}\n---",
+                tail(&self.dir.path().join("agent.log"), 60)
+            );
+        }
+    }
+}
+
+/// A new repository at `path` holding the Vite + React + TypeScript fixture app
+/// (tests/fixtures/vite-react-ts, with a real pnpm lockfile) committed on `main`.
+pub fn fixture_app(path: &Path) -> Repo {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/vite-react-ts");
+    let r = Repo::init(path);
+    copy_dir(&src, path);
+    r.git_ok(&["add", "-A"]);
+    r.git_ok(&["commit", "-q", "-m", "fixture app"]);
+    r
+}
+
+fn copy_dir(src: &Path, dst: &Path) {
+    std::fs::create_dir_all(dst).expect("mkdir");
+    for e in std::fs::read_dir(src).expect("fixture dir").flatten() {
+        let to = dst.join(e.file_name());
+        if e.file_type().expect("file type").is_dir() {
+            copy_dir(&e.path(), &to);
+        } else {
+            std::fs::copy(e.path(), &to).expect("copy fixture file");
+        }
     }
 }
 

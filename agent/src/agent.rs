@@ -1,0 +1,331 @@
+//! The build queue: one build per project at a time, syncs that arrive meanwhile collapsed into
+//! one follow-up build of the newest commit, and a bounded number of builds machine-wide.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use gitstore::{BlobStore, ProjectId};
+use tokio::sync::{watch, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::status::{State, Status};
+
+/// Why a build was asked for.
+#[derive(Clone, Debug, Default)]
+pub struct Request {
+    /// Build even if the commit is already published (`POST /build`).
+    pub force: bool,
+}
+
+struct Running {
+    build: u64,
+    cancel: CancellationToken,
+}
+
+struct Slot {
+    status: Status,
+    running: Option<Running>,
+    /// The follow-up build, if syncs arrived during the running one.
+    pending: Option<(u64, Request)>,
+    next_build: u64,
+}
+
+pub struct Agent {
+    pub(crate) cfg: Config,
+    pub(crate) store: BlobStore,
+    pub(crate) exe: PathBuf,
+    pub(crate) metrics: Metrics,
+    slots: Mutex<HashMap<String, Arc<Mutex<Slot>>>>,
+    permits: Arc<Semaphore>,
+    /// Bumped whenever any status changes, so log followers and waiters wake.
+    changed: watch::Sender<u64>,
+}
+
+/// What [`Agent::request`] did.
+pub enum Requested {
+    /// A new build was queued, or the request joined the queued follow-up.
+    Queued(u64),
+    /// That commit is already built and published.
+    AlreadyBuilt(u64),
+}
+
+impl Agent {
+    pub fn new(cfg: Config, store: BlobStore, exe: PathBuf) -> Arc<Self> {
+        let permits = Arc::new(Semaphore::new(cfg.concurrency));
+        Arc::new(Self {
+            cfg,
+            store,
+            exe,
+            metrics: Metrics::default(),
+            slots: Mutex::new(HashMap::new()),
+            permits,
+            changed: watch::channel(0).0,
+        })
+    }
+
+    pub(crate) fn project_dir(&self, project: &str) -> PathBuf {
+        self.cfg.state_dir.join("projects").join(project)
+    }
+
+    fn status_path(&self, project: &str) -> PathBuf {
+        self.project_dir(project).join("status.json")
+    }
+
+    pub(crate) fn log_path(&self, project: &str, build: u64) -> PathBuf {
+        self.project_dir(project)
+            .join("logs")
+            .join(format!("{build}.log"))
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    fn slot(&self, project: &str) -> Option<Arc<Mutex<Slot>>> {
+        let mut slots = self.slots.lock().expect("slots lock");
+        if let Some(s) = slots.get(project) {
+            return Some(s.clone());
+        }
+        let status = Status::load(&self.status_path(project))?;
+        let next_build = status
+            .history
+            .first()
+            .map_or(status.build, |h| h.build.max(status.build))
+            + 1;
+        let s = Arc::new(Mutex::new(Slot {
+            status,
+            running: None,
+            pending: None,
+            next_build,
+        }));
+        slots.insert(project.to_owned(), s.clone());
+        Some(s)
+    }
+
+    fn slot_or_new(&self, project: &str) -> Arc<Mutex<Slot>> {
+        if let Some(s) = self.slot(project) {
+            return s;
+        }
+        let mut slots = self.slots.lock().expect("slots lock");
+        slots
+            .entry(project.to_owned())
+            .or_insert_with(|| {
+                Arc::new(Mutex::new(Slot {
+                    status: Status::new(project),
+                    running: None,
+                    pending: None,
+                    next_build: 1,
+                }))
+            })
+            .clone()
+    }
+
+    /// The project's status, if the agent has ever been asked to build it.
+    pub fn status(&self, project: &str) -> Option<Status> {
+        let slot = self.slot(project)?;
+        let s = slot.lock().expect("slot lock");
+        Some(s.status.clone())
+    }
+
+    /// Changes the status and persists it.
+    pub(crate) fn update(&self, project: &str, f: impl FnOnce(&mut Status)) {
+        let slot = self.slot_or_new(project);
+        let mut s = slot.lock().expect("slot lock");
+        f(&mut s.status);
+        self.persist(project, &s.status);
+    }
+
+    fn persist(&self, project: &str, status: &Status) {
+        let path = self.status_path(project);
+        if let Some(dir) = path.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        if let Err(e) = status.save(&path) {
+            log::error!(project, error:% = e; "cannot save status");
+        }
+        self.changed.send_modify(|n| *n += 1);
+    }
+
+    /// Queues a build of `project`'s newest commit, or says it is already built. `hint` is the
+    /// commit the caller expects (from the webhook), used only to answer without building.
+    pub fn request(
+        self: &Arc<Self>,
+        project: &ProjectId,
+        hint: Option<&str>,
+        req: Request,
+    ) -> Requested {
+        let name = project.as_str();
+        let slot = self.slot_or_new(name);
+        let mut s = slot.lock().expect("slot lock");
+        if !req.force {
+            if let (Some(hint), Some(good)) = (hint, &s.status.last_good) {
+                if good.commit == hint && !s.status.state.is_active() && s.pending.is_none() {
+                    return Requested::AlreadyBuilt(good.build);
+                }
+            }
+            if let (Some(hint), Some(r)) = (hint, &s.running) {
+                if s.status.commit.as_deref() == Some(hint) && s.pending.is_none() {
+                    return Requested::Queued(r.build);
+                }
+            }
+        }
+        if let Some((build, pending)) = &mut s.pending {
+            pending.force |= req.force;
+            self.metrics.inc(&self.metrics.coalesced);
+            return Requested::Queued(*build);
+        }
+        let build = s.next_build;
+        s.next_build += 1;
+        if s.running.is_some() {
+            s.pending = Some((build, req));
+            self.metrics.inc(&self.metrics.coalesced);
+            return Requested::Queued(build);
+        }
+        self.start(name, &mut s, build, req);
+        Requested::Queued(build)
+    }
+
+    fn start(self: &Arc<Self>, project: &str, s: &mut Slot, build: u64, req: Request) {
+        let cancel = CancellationToken::new();
+        s.running = Some(Running {
+            build,
+            cancel: cancel.clone(),
+        });
+        s.status.begin(build);
+        self.persist(project, &s.status);
+        let agent = self.clone();
+        let project = project.to_owned();
+        tokio::spawn(async move {
+            agent.drive(project, build, req, cancel).await;
+        });
+    }
+
+    /// Runs a build and then any follow-up that was queued during it.
+    async fn drive(
+        self: Arc<Self>,
+        project: String,
+        build: u64,
+        req: Request,
+        cancel: CancellationToken,
+    ) {
+        let (mut build, mut req, mut cancel) = (build, req, cancel);
+        loop {
+            self.metrics
+                .queued
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let permit = tokio::select! {
+                p = self.permits.clone().acquire_owned() => p.ok(),
+                _ = cancel.cancelled() => None,
+            };
+            self.metrics
+                .queued
+                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            if permit.is_some() {
+                crate::pipeline::run(&self, &project, build, &req, &cancel).await;
+            } else {
+                self.update(&project, |st| {
+                    st.finish(State::Cancelled, Some("cancelled while queued".into()))
+                });
+            }
+            drop(permit);
+            let slot = self.slot_or_new(&project);
+            let mut s = slot.lock().expect("slot lock");
+            match s.pending.take() {
+                Some((next, next_req)) => {
+                    cancel = CancellationToken::new();
+                    s.running = Some(Running {
+                        build: next,
+                        cancel: cancel.clone(),
+                    });
+                    s.status.begin(next);
+                    self.persist(&project, &s.status);
+                    (build, req) = (next, next_req);
+                }
+                None => {
+                    s.running = None;
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Cancels the running build and any queued follow-up. Returns the cancelled build ids.
+    pub fn cancel(&self, project: &str) -> Vec<u64> {
+        let Some(slot) = self.slot(project) else {
+            return Vec::new();
+        };
+        let mut s = slot.lock().expect("slot lock");
+        let mut ids = Vec::new();
+        if let Some((b, _)) = s.pending.take() {
+            ids.push(b);
+        }
+        if let Some(r) = &s.running {
+            r.cancel.cancel();
+            ids.push(r.build);
+        }
+        ids
+    }
+
+    /// Builds waiting for a machine-wide slot.
+    pub fn queue_depth(&self) -> u64 {
+        self.metrics
+            .queued
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// After a restart: cleans build scratch, and queues again every build that was interrupted.
+    pub fn recover(self: &Arc<Self>) {
+        let scratch = self.cfg.state_dir.join("builds");
+        let _ = std::fs::remove_dir_all(&scratch);
+        let Ok(entries) = std::fs::read_dir(self.cfg.state_dir.join("projects")) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let Some(name) = e.file_name().to_str().map(str::to_owned) else {
+                continue;
+            };
+            let Ok(id) = ProjectId::parse(&name) else {
+                continue;
+            };
+            let Some(st) = self.status(&name) else {
+                continue;
+            };
+            if st.state.is_active() {
+                log::warn!(project = name, build = st.build; "build was interrupted by a restart; queuing it again");
+                self.update(&name, |s| {
+                    s.finish(
+                        State::Cancelled,
+                        Some("interrupted by an agent restart; rebuilt".into()),
+                    )
+                });
+                self.request(&id, None, Request { force: true });
+            }
+        }
+    }
+
+    pub(crate) fn is_known(&self, project: &str) -> bool {
+        self.slot(project).is_some()
+    }
+
+    pub(crate) fn scratch_dir(&self, project: &str, build: u64) -> PathBuf {
+        self.cfg
+            .state_dir
+            .join("builds")
+            .join(format!("{project}-{build}"))
+    }
+
+    pub(crate) fn volume(&self) -> PathBuf {
+        self.cfg.volume_dir.clone()
+    }
+}
+
+/// Creates a directory owned by `uid:gid` with `mode`.
+pub(crate) fn make_owned_dir(path: &Path, uid: u32, gid: u32, mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(path)?;
+    std::os::unix::fs::chown(path, Some(uid), Some(gid))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+}

@@ -1,0 +1,95 @@
+//! The agent's settings, with defaults sized from the machine it runs on.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// State: bare repos, worktrees, status, logs, the shared pnpm store (root-only).
+    pub state_dir: PathBuf,
+    /// The shared pnpm store and every project's node_modules, on one filesystem so installs
+    /// can hard-link from the store.
+    pub volume_dir: PathBuf,
+    /// Published builds, read by the web server: `<publish_dir>/<project>/current/`.
+    pub publish_dir: PathBuf,
+    /// Base of preview URLs, e.g. `https://preview.example.com`; `{project}` in it is replaced
+    /// by the project id (one origin per project), otherwise `/<project>/` is appended.
+    pub preview_url: String,
+    pub webhook_secret: Vec<u8>,
+    /// SHA-256 of the admin token, which may read every project's status and logs.
+    pub admin_token_sha256: Option<String>,
+    pub sandbox_uid: u32,
+    pub sandbox_gid: u32,
+    pub memory_bytes: u64,
+    pub pids: u64,
+    pub cpus: f64,
+    pub install_timeout: Duration,
+    pub build_timeout: Duration,
+    /// Builds running at once.
+    pub concurrency: usize,
+    /// Published builds kept per project (besides the current one).
+    pub keep_builds: usize,
+    pub log_limit_bytes: u64,
+    pub max_output_bytes: u64,
+    /// Program run for `pnpm`; must be visible inside the sandbox (under /usr).
+    pub pnpm: PathBuf,
+    pub node: PathBuf,
+}
+
+/// CPUs and memory of this machine, for defaults.
+pub fn machine() -> (usize, u64) {
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map(|kb| kb * 1024)
+        .unwrap_or(2 << 30);
+    (cpus, mem)
+}
+
+impl Config {
+    /// Per-build memory: a quarter of the machine, at most 2 GiB (an F4s_v2 with 8 GiB gets 2 GiB).
+    pub fn default_memory() -> u64 {
+        let (_, mem) = machine();
+        (mem / 4).clamp(512 << 20, 2 << 30)
+    }
+
+    pub fn default_cpus() -> f64 {
+        let (cpus, _) = machine();
+        (cpus as f64).min(2.0)
+    }
+
+    /// Builds at once: one per two CPUs, bounded by memory for that many builds plus the system.
+    pub fn default_concurrency(memory_bytes: u64) -> usize {
+        let (cpus, mem) = machine();
+        let by_mem = (mem.saturating_sub(1 << 30) / memory_bytes.max(1)) as usize;
+        (cpus / 2).min(by_mem).max(1)
+    }
+
+    pub fn preview_url_for(&self, project: &str) -> String {
+        if self.preview_url.contains("{project}") {
+            let mut u = self.preview_url.replace("{project}", project);
+            if !u.ends_with('/') {
+                u.push('/');
+            }
+            u
+        } else {
+            format!("{}/{project}/", self.preview_url.trim_end_matches('/'))
+        }
+    }
+
+    /// The path the app is served under, which Vite's `base` must match.
+    pub fn base_path_for(&self, project: &str) -> String {
+        if self.preview_url.contains("{project}") {
+            "/".to_owned()
+        } else {
+            format!("/{project}/")
+        }
+    }
+}

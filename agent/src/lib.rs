@@ -1,0 +1,19 @@
+//! The Kiln agent: turns a pushed commit into a served preview on a build VM.
+//!
+//! Codemap: `server` (HTTP API), `agent` (per-project queue and coalescing), `pipeline` (the
+//! phases of one build), `checkout` (only-changed worktree updates), `sandbox` (namespaces,
+//! cgroups, uid drop), `publish` (atomic switch of the served build), `status` (persisted status
+//! and bounded logs), `config`, `metrics`.
+
+mod agent;
+pub mod checkout;
+pub mod config;
+mod fsutil;
+mod metrics;
+mod pipeline;
+pub mod publish;
+pub mod sandbox;
+pub mod server;
+pub mod status;
+
+pub use agent::{Agent, Request, Requested};

@@ -1,0 +1,203 @@
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use agent::config::Config;
+use anyhow::{ensure, Context};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "kiln-agent",
+    version,
+    about = "Kiln agent: builds pushed commits into previews"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the agent daemon.
+    Serve(Box<ServeArgs>),
+    /// Internal: PID 1 of a build sandbox.
+    #[command(hide = true)]
+    SandboxInit { spec: PathBuf },
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    #[arg(long, env = "KILN_AGENT_LISTEN", default_value = "127.0.0.1:7080")]
+    listen: SocketAddr,
+    /// Blob store URL (file:///dir, az://container, s3://bucket, gs://bucket).
+    #[arg(long, env = "KILN_STORE_URL")]
+    store: String,
+    #[arg(long, env = "KILN_AGENT_STATE", default_value = "/var/lib/kiln-agent")]
+    state_dir: PathBuf,
+    /// The shared pnpm store and installed node_modules (default: <state-dir>/volume).
+    #[arg(long, env = "KILN_AGENT_VOLUME")]
+    volume_dir: Option<PathBuf>,
+    /// Where published builds go; the web server serves `<dir>/<project>/current/`.
+    #[arg(
+        long,
+        env = "KILN_PUBLISH_DIR",
+        default_value = "/var/lib/kiln-agent/www"
+    )]
+    publish_dir: PathBuf,
+    /// Base of preview URLs; `{project}` is replaced by the project id (one origin per project).
+    #[arg(
+        long,
+        env = "KILN_PREVIEW_URL",
+        default_value = "http://127.0.0.1:8080"
+    )]
+    preview_url: String,
+    /// Shared secret of the sync webhook (at least 16 characters).
+    #[arg(long, env = "KILN_WEBHOOK_SECRET", hide_env_values = true)]
+    webhook_secret: String,
+    #[arg(long, env = "KILN_ADMIN_TOKEN_SHA256")]
+    admin_token_sha256: Option<String>,
+    /// Unprivileged user that installs and builds run as: a name, or uid:gid.
+    #[arg(long, env = "KILN_SANDBOX_USER", default_value = "kiln-build")]
+    sandbox_user: String,
+    #[arg(long, env = "KILN_BUILD_MEMORY_MB")]
+    memory_mb: Option<u64>,
+    #[arg(long, env = "KILN_BUILD_PIDS", default_value_t = 1024)]
+    pids: u64,
+    #[arg(long, env = "KILN_BUILD_CPUS")]
+    cpus: Option<f64>,
+    #[arg(long, env = "KILN_INSTALL_TIMEOUT_SECS", default_value_t = 600)]
+    install_timeout_secs: u64,
+    #[arg(long, env = "KILN_BUILD_TIMEOUT_SECS", default_value_t = 300)]
+    build_timeout_secs: u64,
+    /// Builds at once (default: sized from CPUs and memory).
+    #[arg(long, env = "KILN_CONCURRENCY")]
+    concurrency: Option<usize>,
+    #[arg(long, env = "KILN_KEEP_BUILDS", default_value_t = 5)]
+    keep_builds: usize,
+    #[arg(long, env = "KILN_LOG_LIMIT_MB", default_value_t = 8)]
+    log_limit_mb: u64,
+    #[arg(long, env = "KILN_MAX_OUTPUT_MB", default_value_t = 512)]
+    max_output_mb: u64,
+    #[arg(long, env = "KILN_PNPM", default_value = "/usr/bin/pnpm")]
+    pnpm: PathBuf,
+    #[arg(long, env = "KILN_NODE", default_value = "/usr/bin/node")]
+    node: PathBuf,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::SandboxInit { spec } => std::process::exit(agent::sandbox::init_main(&spec)),
+        Cmd::Serve(a) => {
+            init_logging();
+            tokio::runtime::Runtime::new()?.block_on(serve(*a))
+        }
+    }
+}
+
+async fn serve(a: ServeArgs) -> anyhow::Result<()> {
+    ensure!(
+        a.webhook_secret.len() >= 16,
+        "KILN_WEBHOOK_SECRET must be at least 16 characters"
+    );
+    for p in [&a.pnpm, &a.node] {
+        ensure!(
+            p.starts_with("/usr") && p.exists(),
+            "{} must exist under /usr, where the sandbox can see it (install: npm i -g pnpm@10)",
+            p.display()
+        );
+    }
+    let (uid, gid) = sandbox_user(&a.sandbox_user)?;
+    ensure!(uid != 0, "the sandbox user must not be root");
+    let memory_bytes = a
+        .memory_mb
+        .map(|m| m << 20)
+        .unwrap_or_else(Config::default_memory);
+    let cfg = Config {
+        volume_dir: a.volume_dir.unwrap_or_else(|| a.state_dir.join("volume")),
+        state_dir: a.state_dir,
+        publish_dir: a.publish_dir,
+        preview_url: a.preview_url,
+        webhook_secret: a.webhook_secret.into_bytes(),
+        admin_token_sha256: a.admin_token_sha256.map(|h| h.to_ascii_lowercase()),
+        sandbox_uid: uid,
+        sandbox_gid: gid,
+        memory_bytes,
+        pids: a.pids,
+        cpus: a.cpus.unwrap_or_else(Config::default_cpus),
+        install_timeout: Duration::from_secs(a.install_timeout_secs),
+        build_timeout: Duration::from_secs(a.build_timeout_secs),
+        concurrency: a
+            .concurrency
+            .unwrap_or_else(|| Config::default_concurrency(memory_bytes)),
+        keep_builds: a.keep_builds,
+        log_limit_bytes: a.log_limit_mb << 20,
+        max_output_bytes: a.max_output_mb << 20,
+        pnpm: a.pnpm,
+        node: a.node,
+    };
+    agent::sandbox::check_host().context("this host cannot run build sandboxes")?;
+    for d in [&cfg.state_dir, &cfg.publish_dir] {
+        std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&cfg.state_dir, std::fs::Permissions::from_mode(0o711))?;
+    let store = gitstore::BlobStore::open(&a.store).context("opening the blob store")?;
+    let exe = std::env::current_exe().context("finding the agent binary")?;
+    log::info!(
+        listen:% = a.listen, store = store.url(), concurrency = cfg.concurrency,
+        memory_mb = cfg.memory_bytes >> 20, cpus = cfg.cpus; "kiln-agent starting"
+    );
+    let agent = agent::Agent::new(cfg, store, exe);
+    agent.recover();
+    let listener = tokio::net::TcpListener::bind(a.listen)
+        .await
+        .with_context(|| format!("binding {}", a.listen))?;
+    axum::serve(listener, agent::server::router(agent))
+        .with_graceful_shutdown(async {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("signal handler");
+            tokio::select! {
+                _ = term.recv() => {},
+                _ = tokio::signal::ctrl_c() => {},
+            }
+            log::info!("shutting down");
+        })
+        .await?;
+    Ok(())
+}
+
+/// `name` (looked up in /etc/passwd) or `uid:gid`.
+fn sandbox_user(spec: &str) -> anyhow::Result<(u32, u32)> {
+    if let Some((u, g)) = spec.split_once(':') {
+        return Ok((u.parse().context("uid")?, g.parse().context("gid")?));
+    }
+    let user = nix::unistd::User::from_name(spec)?.with_context(|| {
+        format!("sandbox user {spec:?} does not exist: create it with `useradd --system --no-create-home --shell /usr/sbin/nologin {spec}` or set KILN_SANDBOX_USER=uid:gid")
+    })?;
+    Ok((user.uid.as_raw(), user.gid.as_raw()))
+}
+
+fn init_logging() {
+    let level = std::env::var("KILN_LOG")
+        .ok()
+        .and_then(|l| l.parse().ok())
+        .unwrap_or(log::LevelFilter::Info);
+    if std::env::var_os("JOURNAL_STREAM").is_some() {
+        if let Ok(j) = systemd_journal_logger::JournalLog::new() {
+            if j.with_syslog_identifier("kiln-agent".into())
+                .install()
+                .is_ok()
+            {
+                log::set_max_level(level);
+                return;
+            }
+        }
+    }
+    env_logger::Builder::new()
+        .filter_level(level)
+        .format_timestamp_millis()
+        .init();
+}

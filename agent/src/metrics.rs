@@ -1,0 +1,136 @@
+//! Counters exported at `/metrics` in the Prometheus text format.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use crate::status::State;
+
+const PHASES: [&str; 5] = ["sync", "checkout", "install", "build", "publish"];
+const OUTCOMES: [State; 4] = [
+    State::Ready,
+    State::Failed,
+    State::TimedOut,
+    State::Cancelled,
+];
+
+#[derive(Clone, Default)]
+pub(crate) struct Metrics(Arc<Counters>);
+
+#[derive(Default)]
+pub(crate) struct Counters {
+    outcomes: [AtomicU64; 4],
+    phase_ms: [AtomicU64; 5],
+    phase_count: [AtomicU64; 5],
+    pub(crate) queued: AtomicU64,
+    pub(crate) bytes_fetched: AtomicU64,
+    pub(crate) install_ran: AtomicU64,
+    pub(crate) install_skipped: AtomicU64,
+    pub(crate) coalesced: AtomicU64,
+    pub(crate) webhooks_rejected: AtomicU64,
+}
+
+impl std::ops::Deref for Metrics {
+    type Target = Counters;
+    fn deref(&self) -> &Counters {
+        &self.0
+    }
+}
+
+impl Metrics {
+    pub(crate) fn inc(&self, c: &AtomicU64) {
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn add(&self, c: &AtomicU64, n: u64) {
+        c.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub(crate) fn outcome(&self, s: State) {
+        if let Some(i) = OUTCOMES.iter().position(|o| *o == s) {
+            self.inc(&self.outcomes[i]);
+        }
+    }
+
+    pub(crate) fn phase(&self, name: &str, ms: u64) {
+        if let Some(i) = PHASES.iter().position(|p| *p == name) {
+            self.add(&self.phase_ms[i], ms);
+            self.inc(&self.phase_count[i]);
+        }
+    }
+
+    pub(crate) fn render(&self) -> String {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let mut out = String::new();
+        let mut family = |name: &str, kind: &str, help: &str, samples: Vec<(String, u64)>| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for (labels, v) in samples {
+                let _ = writeln!(out, "{name}{labels} {v}");
+            }
+        };
+        family(
+            "kiln_agent_builds_total",
+            "counter",
+            "Finished builds by outcome.",
+            OUTCOMES
+                .iter()
+                .zip(&self.outcomes)
+                .map(|(o, c)| (format!("{{outcome=\"{}\"}}", o.as_str()), g(c)))
+                .collect(),
+        );
+        family(
+            "kiln_agent_phase_milliseconds_sum",
+            "counter",
+            "Time spent in each build phase.",
+            PHASES
+                .iter()
+                .zip(&self.phase_ms)
+                .map(|(p, c)| (format!("{{phase=\"{p}\"}}"), g(c)))
+                .collect(),
+        );
+        family(
+            "kiln_agent_phase_milliseconds_count",
+            "counter",
+            "Completed runs of each build phase.",
+            PHASES
+                .iter()
+                .zip(&self.phase_count)
+                .map(|(p, c)| (format!("{{phase=\"{p}\"}}"), g(c)))
+                .collect(),
+        );
+        family(
+            "kiln_agent_queue_depth",
+            "gauge",
+            "Builds waiting for a build slot.",
+            vec![(String::new(), g(&self.queued))],
+        );
+        family(
+            "kiln_agent_fetched_bytes_total",
+            "counter",
+            "Pack bytes fetched from the blob store.",
+            vec![(String::new(), g(&self.bytes_fetched))],
+        );
+        family(
+            "kiln_agent_installs_total",
+            "counter",
+            "Install phases run or skipped because dependencies were unchanged.",
+            vec![
+                ("{result=\"ran\"}".into(), g(&self.install_ran)),
+                ("{result=\"skipped\"}".into(), g(&self.install_skipped)),
+            ],
+        );
+        family(
+            "kiln_agent_coalesced_requests_total",
+            "counter",
+            "Build requests folded into an already queued follow-up build.",
+            vec![(String::new(), g(&self.coalesced))],
+        );
+        family(
+            "kiln_agent_webhooks_rejected_total",
+            "counter",
+            "Webhooks refused for a bad or missing signature.",
+            vec![(String::new(), g(&self.webhooks_rejected))],
+        );
+        out
+    }
+}

@@ -1,0 +1,660 @@
+//! One build: sync → checkout only what changed → install only when dependencies changed →
+//! build in the sandbox → publish atomically. Every phase is timed into the status and marked in
+//! the log; a failure at any point leaves the last good build served.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use gitstore::ProjectId;
+use gix::objs::Find;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tokio_util::sync::CancellationToken;
+
+use crate::agent::{make_owned_dir, Agent, Request};
+use crate::checkout::{self, Flat, Owner};
+use crate::publish;
+use crate::sandbox::{self, Exit, Mount, Spec};
+use crate::status::{LastGood, Log, State};
+
+/// Files whose change means dependencies must be installed again.
+const DEPENDENCY_FILES: &[&str] = &[
+    "package.json",
+    "pnpm-lock.yaml",
+    ".npmrc",
+    "pnpm-workspace.yaml",
+];
+
+/// A phase failure: the state it ends the build in, and what to tell the user.
+struct Failure {
+    state: State,
+    message: String,
+}
+
+impl Failure {
+    fn failed(message: impl Into<String>) -> Self {
+        Self {
+            state: State::Failed,
+            message: message.into(),
+        }
+    }
+}
+
+pub(crate) async fn run(
+    agent: &Arc<Agent>,
+    project: &str,
+    build: u64,
+    req: &Request,
+    cancel: &CancellationToken,
+) {
+    let started = Instant::now();
+    let mut log = match Log::create(&agent.log_path(project, build), agent.cfg.log_limit_bytes) {
+        Ok(l) => l,
+        Err(e) => {
+            agent.update(project, |s| {
+                s.finish(
+                    State::Failed,
+                    Some(format!("cannot open the build log: {e}")),
+                )
+            });
+            return;
+        }
+    };
+    agent.update(project, |s| s.started_at_ms = Some(crate::status::now_ms()));
+    log::info!(project, build; "build started");
+    let result = steps(agent, project, build, req, cancel, &mut log).await;
+    let scratch = agent.scratch_dir(project, build);
+    let _ = std::fs::remove_dir_all(&scratch);
+    let secs = started.elapsed().as_secs_f64();
+    match result {
+        Ok(()) => {
+            log.note(&format!("ready in {secs:.2}s"));
+            agent.update(project, |s| s.finish(State::Ready, None));
+            agent.metrics.outcome(State::Ready);
+            log::info!(project, build, secs; "build ready");
+        }
+        Err(f) => {
+            let f = if cancel.is_cancelled() && f.state != State::TimedOut {
+                Failure {
+                    state: State::Cancelled,
+                    message: "cancelled".into(),
+                }
+            } else {
+                f
+            };
+            log.note(&format!("{}: {}", f.state.as_str(), f.message));
+            agent.update(project, |s| s.finish(f.state, Some(f.message.clone())));
+            agent.metrics.outcome(f.state);
+            log::warn!(project, build, state = f.state.as_str(), error = f.message; "build did not succeed");
+        }
+    }
+}
+
+async fn steps(
+    agent: &Arc<Agent>,
+    project: &str,
+    build: u64,
+    req: &Request,
+    cancel: &CancellationToken,
+    log: &mut Log,
+) -> Result<(), Failure> {
+    let pid = ProjectId::parse(project).map_err(|e| Failure::failed(e.to_string()))?;
+    let dir = agent.project_dir(project);
+    let repo = dir.join("repo.git");
+
+    // 1. Sync.
+    phase(agent, project, log, State::Syncing, "sync");
+    let t = Instant::now();
+    let report = gitstore::sync::sync_repo(&agent.store, &pid, &repo)
+        .await
+        .map_err(|e| Failure::failed(format!("sync from the blob store failed: {e}")))?;
+    agent
+        .metrics
+        .add(&agent.metrics.bytes_fetched, report.bytes_fetched);
+    log.note(&format!(
+        "generation {}: fetched {} pack(s), {} bytes",
+        report.generation, report.packs_fetched, report.bytes_fetched
+    ));
+    let (refname, commit) = preview_ref(&repo).await.map_err(Failure::failed)?;
+    log.note(&format!("{refname} is at {commit}"));
+    agent.update(project, |s| s.commit = Some(commit.clone()));
+    done(agent, project, "sync", t);
+
+    let publish_dir = publish::project_dir(&agent.cfg.publish_dir, project);
+    let status = agent.status(project).expect("status exists during a build");
+    if !req.force {
+        if let Some(good) = &status.last_good {
+            if good.commit == commit && publish::current(&publish_dir) == Some(good.build) {
+                log.note(&format!(
+                    "commit already built and published as build {}",
+                    good.build
+                ));
+                return Ok(());
+            }
+        }
+    }
+    check_cancel(cancel)?;
+
+    // 2. Checkout only what changed.
+    let t = Instant::now();
+    let owner = Owner {
+        uid: agent.cfg.sandbox_uid,
+        gid: agent.cfg.sandbox_gid,
+    };
+    let worktree = dir.join("worktree");
+    let record = dir.join("checkout.json");
+    let (files, report) = {
+        let (repo, worktree, record, commit) = (
+            repo.clone(),
+            worktree.clone(),
+            record.clone(),
+            commit.clone(),
+        );
+        tokio::task::spawn_blocking(move || -> Result<_, String> {
+            let objects = gix::odb::at(repo.join("objects"), gix::hash::Kind::Sha1)
+                .map_err(|e| e.to_string())?;
+            let tree = commit_tree(&objects, &commit)?;
+            let files = checkout::flatten(&objects, tree).map_err(|e| e.to_string())?;
+            let report = checkout::checkout(&objects, tree, &files, &worktree, &record, owner)
+                .map_err(|e| e.to_string())?;
+            Ok((files, report))
+        })
+        .await
+        .expect("checkout task")
+        .map_err(|e| Failure::failed(format!("checkout failed: {e}")))?
+    };
+    log.note(&format!(
+        "checkout: {} written, {} deleted{}",
+        report.written.len(),
+        report.deleted.len(),
+        if report.full { " (full checkout)" } else { "" }
+    ));
+    done(agent, project, "checkout", t);
+    check_cancel(cancel)?;
+
+    let scratch = agent.scratch_dir(project, build);
+    let _ = std::fs::remove_dir_all(&scratch);
+    std::fs::create_dir_all(&scratch).map_err(|e| Failure::failed(format!("scratch dir: {e}")))?;
+
+    let out: PathBuf;
+    if !files.contains_key("package.json") {
+        // A static site: nothing to install or build.
+        agent.update(project, |s| s.engine = Some("static".into()));
+        log.note("no package.json: publishing the files as they are");
+        out = worktree.clone();
+    } else {
+        // 3. Install only when needed.
+        let nm =
+            install_if_needed(agent, project, &files, &worktree, &scratch, cancel, log).await?;
+        check_cancel(cancel)?;
+        // 4. Build.
+        out = build_in_sandbox(agent, project, &worktree, &nm, &scratch, cancel, log).await?;
+    }
+    check_cancel(cancel)?;
+
+    // 5. Publish.
+    phase(agent, project, log, State::Publishing, "publish");
+    let t = Instant::now();
+    let max = agent.cfg.max_output_bytes;
+    let (pd, o) = (publish_dir.clone(), out.clone());
+    let published = tokio::task::spawn_blocking(move || {
+        publish::publish(&o, &pd, build, max, &|rel| {
+            rel == "node_modules" || rel.starts_with(".kiln-tmp")
+        })
+    })
+    .await
+    .expect("publish task")
+    .map_err(|e| Failure::failed(format!("publish failed: {e}")))?;
+    for s in &published.skipped {
+        log.note(&format!("not published (not a regular file): {s}"));
+    }
+    log.note(&format!(
+        "published {} files, {} bytes ({} precompressed)",
+        published.files, published.bytes, published.compressed
+    ));
+    let preview_url = agent.cfg.preview_url_for(project);
+    agent.update(project, |s| {
+        s.last_good = Some(LastGood {
+            commit: commit.clone(),
+            build,
+            preview_url: preview_url.clone(),
+            published_at_ms: crate::status::now_ms(),
+        })
+    });
+    let removed = publish::prune(&publish_dir, agent.cfg.keep_builds, &[build]);
+    if !removed.is_empty() {
+        log.note(&format!("pruned old builds {removed:?}"));
+    }
+    done(agent, project, "publish", t);
+    Ok(())
+}
+
+fn phase(agent: &Agent, project: &str, log: &mut Log, state: State, name: &str) {
+    log.phase(name);
+    agent.update(project, |s| s.state = state);
+}
+
+fn done(agent: &Agent, project: &str, name: &str, t: Instant) {
+    let ms = t.elapsed().as_millis() as u64;
+    agent.metrics.phase(name, ms);
+    agent.update(project, |s| {
+        s.phases.insert(name.to_owned(), ms);
+    });
+}
+
+fn check_cancel(cancel: &CancellationToken) -> Result<(), Failure> {
+    if cancel.is_cancelled() {
+        return Err(Failure {
+            state: State::Cancelled,
+            message: "cancelled".into(),
+        });
+    }
+    Ok(())
+}
+
+/// The branch previews are built from: `main`, else `master`, else the first branch.
+async fn preview_ref(repo: &Path) -> Result<(String, String), String> {
+    let out = tokio::process::Command::new("git")
+        .arg("--git-dir")
+        .arg(repo)
+        .args([
+            "for-each-ref",
+            "--format=%(refname) %(objectname)",
+            "refs/heads/",
+        ])
+        .output()
+        .await
+        .map_err(|e| format!("running git: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "git for-each-ref failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let refs: Vec<(&str, &str)> = text.lines().filter_map(|l| l.split_once(' ')).collect();
+    ["refs/heads/main", "refs/heads/master"]
+        .iter()
+        .find_map(|want| refs.iter().find(|(r, _)| r == want))
+        .or(refs.first())
+        .map(|(r, c)| (r.to_string(), c.to_string()))
+        .ok_or_else(|| "the project has no branch yet: push one (main is built)".to_owned())
+}
+
+fn commit_tree(objects: &gix::odb::Handle, commit: &str) -> Result<gix::ObjectId, String> {
+    let id = gix::ObjectId::from_hex(commit.as_bytes()).map_err(|e| e.to_string())?;
+    let mut buf = Vec::new();
+    let data = objects
+        .try_find(&id, &mut buf)
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| format!("commit {commit} is missing"))?;
+    let c = gix::objs::CommitRef::from_bytes(data.data, gix::hash::Kind::Sha1)
+        .map_err(|e| format!("commit {commit}: {e}"))?;
+    Ok(c.tree())
+}
+
+/// What the last install was done for.
+#[derive(Serialize, Deserialize)]
+struct InstallRecord {
+    key: String,
+    /// Name of the project's install directory under `volume/nm/`, unguessable so no other
+    /// project's install can reach it.
+    nm: String,
+}
+
+fn dependency_key(files: &Flat) -> String {
+    let mut h = Sha256::new();
+    h.update(b"kiln-install-v1\0");
+    for name in DEPENDENCY_FILES {
+        if let Some((oid, _)) = files.get(*name) {
+            h.update(name.as_bytes());
+            h.update(oid.as_bytes());
+        }
+        h.update(b"\0");
+    }
+    hex::encode(h.finalize())
+}
+
+/// Runs `pnpm install` in the project's install dir when its dependency files changed or its
+/// node_modules is missing. Returns the install dir (holding `node_modules/`).
+async fn install_if_needed(
+    agent: &Arc<Agent>,
+    project: &str,
+    files: &Flat,
+    worktree: &Path,
+    scratch: &Path,
+    cancel: &CancellationToken,
+    log: &mut Log,
+) -> Result<PathBuf, Failure> {
+    let cfg = &agent.cfg;
+    let (uid, gid) = (cfg.sandbox_uid, cfg.sandbox_gid);
+    let volume = agent.volume();
+    let setup = |e: std::io::Error| Failure::failed(format!("preparing the install: {e}"));
+    make_owned_dir(&volume, 0, 0, 0o711).map_err(setup)?;
+    make_owned_dir(&volume.join("store"), uid, gid, 0o755).map_err(setup)?;
+    make_owned_dir(&volume.join("nm"), 0, 0, 0o711).map_err(setup)?;
+    let record_path = agent.project_dir(project).join("install.json");
+    let old: Option<InstallRecord> = std::fs::read(&record_path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok());
+    let nm_name = old.as_ref().map(|r| r.nm.clone()).unwrap_or_else(|| {
+        use rand::Rng;
+        hex::encode(rand::rng().random::<[u8; 16]>())
+    });
+    let nm = volume.join("nm").join(&nm_name);
+    let key = dependency_key(files);
+    if old.as_ref().is_some_and(|r| r.key == key) && nm.join("node_modules").is_dir() {
+        log.note("dependencies unchanged: install skipped");
+        agent.update(project, |s| s.install = Some("skipped".into()));
+        agent.metrics.inc(&agent.metrics.install_skipped);
+        return Ok(nm);
+    }
+
+    phase(agent, project, log, State::Installing, "install");
+    let t = Instant::now();
+    make_owned_dir(&nm, uid, gid, 0o755).map_err(setup)?;
+    for name in DEPENDENCY_FILES {
+        let dst = nm.join(name);
+        if files.contains_key(*name) {
+            std::fs::copy(worktree.join(name), &dst).map_err(setup)?;
+            std::os::unix::fs::chown(&dst, Some(uid), Some(gid)).map_err(setup)?;
+        } else {
+            let _ = std::fs::remove_file(&dst);
+        }
+    }
+    let frozen = files.contains_key("pnpm-lock.yaml");
+    let mut argv = vec![
+        cfg.pnpm.display().to_string(),
+        "install".into(),
+        "--store-dir=/kiln/store".into(),
+        "--ignore-scripts".into(),
+        "--ignore-pnpmfile".into(),
+        "--reporter=append-only".into(),
+        "--config.confirmModulesPurge=false".into(),
+        "--prefer-offline".into(),
+    ];
+    argv.push(
+        if frozen {
+            "--frozen-lockfile"
+        } else {
+            "--no-frozen-lockfile"
+        }
+        .into(),
+    );
+    log.note(&format!(
+        "{} (network allowed in this phase only)",
+        argv[1..].join(" ")
+    ));
+    let spec = Spec {
+        cgroup: format!("{project}-{}-install", scratch_id(scratch)),
+        root: scratch.join("install-root"),
+        mounts: vec![Mount::Bind {
+            src: volume.clone(),
+            dst: "/kiln".into(),
+            writable: true,
+        }],
+        network: true,
+        uid,
+        gid,
+        cwd: PathBuf::from("/kiln/nm").join(&nm_name),
+        argv,
+        env: sandbox_env(cfg, project, "development"),
+        limits: limits(cfg, cfg.install_timeout),
+    };
+    run_sandboxed(agent, project, "pnpm install", &spec, cancel, log).await?;
+    let rec = InstallRecord { key, nm: nm_name };
+    crate::fsutil::write_atomic(&record_path, &serde_json::to_vec(&rec).expect("serializes"))
+        .map_err(setup)?;
+    agent.update(project, |s| s.install = Some("ran".into()));
+    agent.metrics.inc(&agent.metrics.install_ran);
+    done(agent, project, "install", t);
+    Ok(nm)
+}
+
+fn scratch_id(scratch: &Path) -> String {
+    scratch
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// Builds with Vite (or the package's build script) in the sandbox, offline. Returns the output.
+async fn build_in_sandbox(
+    agent: &Arc<Agent>,
+    project: &str,
+    worktree: &Path,
+    nm: &Path,
+    scratch: &Path,
+    cancel: &CancellationToken,
+    log: &mut Log,
+) -> Result<PathBuf, Failure> {
+    let cfg = &agent.cfg;
+    let (uid, gid) = (cfg.sandbox_uid, cfg.sandbox_gid);
+    phase(agent, project, log, State::Building, "build");
+    let t = Instant::now();
+    let setup = |e: std::io::Error| Failure::failed(format!("preparing the build: {e}"));
+    let upper = scratch.join("upper");
+    let out = scratch.join("out");
+    make_owned_dir(&upper, uid, gid, 0o755).map_err(setup)?;
+    std::fs::create_dir_all(scratch.join("work")).map_err(setup)?;
+    make_owned_dir(&out, uid, gid, 0o755).map_err(setup)?;
+
+    let base = cfg.base_path_for(project);
+    let (argv, result_dir, what) = if nm.join("node_modules/vite/bin/vite.js").is_file() {
+        (
+            vec![
+                cfg.node.display().to_string(),
+                "/app/node_modules/vite/bin/vite.js".into(),
+                "build".into(),
+                "--base".into(),
+                base.clone(),
+                "--outDir".into(),
+                "/out".into(),
+                "--emptyOutDir".into(),
+            ],
+            out.clone(),
+            "vite build",
+        )
+    } else if has_build_script(&worktree.join("package.json")) {
+        (
+            vec![cfg.pnpm.display().to_string(), "run".into(), "build".into()],
+            upper.join("dist"),
+            "pnpm run build",
+        )
+    } else {
+        return Err(Failure::failed(
+            "nothing to build: add vite to the dependencies or a \"build\" script to package.json",
+        ));
+    };
+    agent.update(project, |s| s.engine = Some("project".into()));
+    log.note(&format!(
+        "engine project: {what} with base {base} (no network)"
+    ));
+    let mut env = sandbox_env(cfg, project, "production");
+    env.push(("KILN_BASE".into(), base));
+    let spec = Spec {
+        cgroup: format!("{project}-{}-build", scratch_id(scratch)),
+        root: scratch.join("build-root"),
+        mounts: vec![
+            Mount::Overlay {
+                lower: vec![worktree.to_owned(), nm.to_owned()],
+                upper: upper.clone(),
+                work: scratch.join("work"),
+                dst: "/app".into(),
+            },
+            Mount::Bind {
+                src: out.clone(),
+                dst: "/out".into(),
+                writable: true,
+            },
+        ],
+        network: false,
+        uid,
+        gid,
+        cwd: "/app".into(),
+        argv,
+        env,
+        limits: limits(cfg, cfg.build_timeout),
+    };
+    run_sandboxed(agent, project, what, &spec, cancel, log).await?;
+    done(agent, project, "build", t);
+    Ok(result_dir)
+}
+
+fn has_build_script(package_json: &Path) -> bool {
+    std::fs::read(package_json)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .is_some_and(|v| v["scripts"]["build"].is_string())
+}
+
+fn sandbox_env(
+    cfg: &crate::config::Config,
+    project: &str,
+    node_env: &str,
+) -> Vec<(String, String)> {
+    vec![
+        ("PATH".into(), "/usr/local/bin:/usr/bin:/bin".into()),
+        ("HOME".into(), "/tmp".into()),
+        ("TMPDIR".into(), "/tmp".into()),
+        ("LANG".into(), "C.UTF-8".into()),
+        ("CI".into(), "true".into()),
+        ("NODE_ENV".into(), node_env.into()),
+        ("KILN_PROJECT".into(), project.into()),
+        ("npm_config_update_notifier".into(), "false".into()),
+        (
+            "NODE_OPTIONS".into(),
+            format!("--max-old-space-size={}", (cfg.memory_bytes >> 20) * 3 / 4),
+        ),
+    ]
+}
+
+fn limits(cfg: &crate::config::Config, timeout: Duration) -> sandbox::Limits {
+    sandbox::Limits {
+        memory_bytes: cfg.memory_bytes,
+        pids: cfg.pids,
+        cpus: cfg.cpus,
+        timeout,
+    }
+}
+
+/// Runs `spec`, streaming its output into the log, and turns how it ended into a failure.
+async fn run_sandboxed(
+    agent: &Arc<Agent>,
+    project: &str,
+    what: &str,
+    spec: &Spec,
+    cancel: &CancellationToken,
+    log: &mut Log,
+) -> Result<(), Failure> {
+    let mut tail = Tail::default();
+    let outcome = {
+        let mut output = |b: &[u8]| {
+            log.write(b);
+            tail.push(b);
+        };
+        sandbox::run(&agent.exe, spec, &mut output, cancel.clone()).await
+    }
+    .map_err(|e| Failure::failed(format!("sandbox: {e}")))?;
+    agent.update(project, |s| {
+        s.peak_memory_bytes = s.peak_memory_bytes.max(outcome.peak_memory_bytes);
+        s.cpu_time_ms += outcome.cpu_time.as_millis() as u64;
+    });
+    log.note(&format!(
+        "{what}: {:?}, peak memory {} MiB, cpu {} ms",
+        outcome.exit,
+        outcome.peak_memory_bytes >> 20,
+        outcome.cpu_time.as_millis()
+    ));
+    let limits = &spec.limits;
+    let fail = |state, message: String| Err(Failure { state, message });
+    match outcome.exit {
+        Exit::Code(0) => Ok(()),
+        Exit::TimedOut => fail(
+            State::TimedOut,
+            format!(
+                "{what} timed out after {}s and was killed",
+                limits.timeout.as_secs()
+            ),
+        ),
+        Exit::OutOfMemory => fail(
+            State::Failed,
+            format!(
+                "{what} ran out of memory (limit {} MiB) and was killed",
+                limits.memory_bytes >> 20
+            ),
+        ),
+        Exit::Cancelled => fail(State::Cancelled, "cancelled".into()),
+        Exit::Code(c) | Exit::Signal(c) => {
+            let mut message = format!(
+                "{what} {}",
+                tail.summary(c, matches!(outcome.exit, Exit::Signal(_)))
+            );
+            if outcome.pids_limit_hit {
+                message.push_str(&format!(
+                    "\n(the limit of {} processes was reached)",
+                    limits.pids
+                ));
+            }
+            fail(State::Failed, message)
+        }
+    }
+}
+
+/// The last lines of a phase's output, to put the compiler's error into the status.
+#[derive(Default)]
+struct Tail(Vec<u8>);
+
+impl Tail {
+    const MAX: usize = 4096;
+
+    fn push(&mut self, b: &[u8]) {
+        self.0.extend_from_slice(b);
+        if self.0.len() > Self::MAX * 2 {
+            self.0.drain(..self.0.len() - Self::MAX);
+        }
+    }
+
+    fn summary(&self, code: i32, signal: bool) -> String {
+        let text = String::from_utf8_lossy(&self.0);
+        // Stack frames say where the tool failed, not what is wrong with the app: leave them
+        // to the log and show the first error message and what follows it.
+        let lines: Vec<&str> = text
+            .lines()
+            .map(str::trim_end)
+            .filter(|l| !l.trim().is_empty() && !l.trim_start().starts_with("at "))
+            .collect();
+        let start = lines
+            .iter()
+            .position(|l| l.to_ascii_lowercase().contains("error"))
+            .unwrap_or(lines.len().saturating_sub(8));
+        let last = lines[start..lines.len().min(start + 10)].join("\n");
+        let how = if signal {
+            format!("killed by signal {code}")
+        } else {
+            format!("exited with code {code}")
+        };
+        format!("{how}:\n{}", strip_ansi(&last))
+    }
+}
+
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            if chars.peek() == Some(&'[') {
+                chars.next();
+                for c in chars.by_ref() {
+                    if c.is_ascii_alphabetic() {
+                        break;
+                    }
+                }
+            }
+            continue;
+        }
+        out.push(c);
+    }
+    out
+}

@@ -1,0 +1,416 @@
+//! The agent's HTTP API: the signed sync webhook, status, logs, rebuild and cancel, health and
+//! metrics. Errors are JSON `{error, message}` with a status code that says what went wrong.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::{Body, Bytes};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use gitstore::ProjectId;
+use serde::Deserialize;
+
+use crate::agent::{Agent, Request, Requested};
+
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    fn unauthorized(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
+    }
+
+    fn not_found(project: &str) -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("project {project} is unknown to this agent: push to it first"),
+        )
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut r = (
+            self.status,
+            Json(serde_json::json!({"error": self.code, "message": self.message})),
+        )
+            .into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            r.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer realm=\"kiln\""),
+            );
+        }
+        r
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+/// Token checks are cached briefly: status polling must not read the blob store every time, and a
+/// revoked token stops working within the TTL.
+const TOKEN_TTL: Duration = Duration::from_secs(5);
+
+/// Token → (checked at, the client id it belongs to, or None if refused).
+type TokenCache = HashMap<String, (Instant, Option<String>)>;
+
+#[derive(Clone)]
+struct App {
+    agent: Arc<Agent>,
+    tokens: Arc<Mutex<TokenCache>>,
+}
+
+pub fn router(agent: Arc<Agent>) -> Router {
+    let app = App {
+        agent,
+        tokens: Arc::default(),
+    };
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .route("/sync-project/{project}", post(sync_project))
+        .route("/build/{project}", post(rebuild))
+        .route("/cancel/{project}", post(cancel))
+        .route("/status/{project}", get(status))
+        .route("/logs/{project}", get(logs))
+        .layer(DefaultBodyLimit::max(64 << 10))
+        .with_state(app)
+}
+
+fn project_id(raw: &str) -> ApiResult<ProjectId> {
+    ProjectId::parse(raw)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_request", e.to_string()))
+}
+
+impl App {
+    /// Allows the admin token, or a client token of the client that owns `project`.
+    async fn authorize(&self, headers: &HeaderMap, project: &ProjectId) -> ApiResult<()> {
+        let token = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim)
+            .ok_or_else(|| {
+                ApiError::unauthorized("send your Kiln token as `Authorization: Bearer <token>`")
+            })?;
+        if let Some(admin) = &self.agent.cfg.admin_token_sha256 {
+            if gitstore::auth::token_matches(token, admin) {
+                return Ok(());
+            }
+        }
+        let cached = {
+            let cache = self.tokens.lock().expect("token cache");
+            cache
+                .get(token)
+                .filter(|(at, _)| at.elapsed() < TOKEN_TTL)
+                .map(|(_, c)| c.clone())
+        };
+        let client = match cached {
+            Some(c) => c,
+            None => {
+                let c = gitstore::auth::authenticate(&self.agent.store, token)
+                    .await
+                    .ok()
+                    .map(|c| c.id);
+                let mut cache = self.tokens.lock().expect("token cache");
+                if cache.len() > 10_000 {
+                    cache.clear();
+                }
+                cache.insert(token.to_owned(), (Instant::now(), c.clone()));
+                c
+            }
+        };
+        let client =
+            client.ok_or_else(|| ApiError::unauthorized("the token is unknown or revoked"))?;
+        let owner = gitstore::auth::owner(&self.agent.store, project)
+            .await
+            .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "store", e.to_string()))?;
+        match owner {
+            Some(o) if o.client == client => Ok(()),
+            // Same answer as for a project that does not exist: ids of others' projects stay private.
+            _ => Err(ApiError::not_found(project.as_str())),
+        }
+    }
+
+    fn known(&self, project: &ProjectId) -> ApiResult<()> {
+        if self.agent.is_known(project.as_str()) {
+            Ok(())
+        } else {
+            Err(ApiError::not_found(project.as_str()))
+        }
+    }
+}
+
+#[derive(Deserialize, Default)]
+struct SyncBody {
+    #[serde(rename = "ref")]
+    _ref: Option<String>,
+    new: Option<String>,
+    #[serde(default)]
+    changed_files: Vec<serde_json::Value>,
+}
+
+/// `POST /sync-project/{project}`: signed with the shared webhook secret.
+async fn sync_project(
+    State(app): State<App>,
+    Path(raw): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let sig = headers
+        .get("x-kiln-signature-256")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if !gitstore::webhook::verify_signature(&app.agent.cfg.webhook_secret, &body, sig) {
+        app.agent.metrics.inc(&app.agent.metrics.webhooks_rejected);
+        return Err(ApiError::unauthorized(
+            "missing or bad X-Kiln-Signature-256: sign the exact body with HMAC-SHA256 and the webhook secret, as sha256=<hex>",
+        ));
+    }
+    let project = project_id(&raw)?;
+    let parsed: SyncBody = if body.iter().all(u8::is_ascii_whitespace) {
+        SyncBody::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                format!("body must be JSON {{ref?, new?, changed_files?}}: {e}"),
+            )
+        })?
+    };
+    let hint = match parsed.new.as_deref() {
+        Some(c) if c.len() == 40 && c.bytes().all(|b| b.is_ascii_hexdigit()) => {
+            Some(c.to_ascii_lowercase())
+        }
+        Some(c) if c.chars().all(|c| c == '0') => None,
+        Some(c) => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                format!("`new` must be a 40-hex commit id, got {c:?}"),
+            ))
+        }
+        None => None,
+    };
+    if parsed.changed_files.len() > 100_000 {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "too many changed_files",
+        ));
+    }
+    if !app.agent.is_known(project.as_str()) {
+        let exists = gitstore::manifest::newest_generation(&app.agent.store, &project, 0)
+            .await
+            .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "store", e.to_string()))?
+            .is_some();
+        if !exists {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("project {project} has nothing in the blob store yet: push to it first"),
+            ));
+        }
+    }
+    Ok(match app.agent.request(&project, hint.as_deref(), Request::default()) {
+        Requested::Queued(build) => (
+            StatusCode::ACCEPTED,
+            Json(serde_json::json!({"build": build, "state": "queued"})),
+        )
+            .into_response(),
+        Requested::AlreadyBuilt(build) => (
+            StatusCode::OK,
+            Json(serde_json::json!({"build": build, "state": "ready", "message": "already built"})),
+        )
+            .into_response(),
+    })
+}
+
+/// `POST /build/{project}`: rebuild the current commit.
+async fn rebuild(
+    State(app): State<App>,
+    Path(raw): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    let project = project_id(&raw)?;
+    app.authorize(&headers, &project).await?;
+    let (Requested::Queued(build) | Requested::AlreadyBuilt(build)) =
+        app.agent.request(&project, None, Request { force: true });
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(serde_json::json!({"build": build, "state": "queued"})),
+    )
+        .into_response())
+}
+
+async fn cancel(
+    State(app): State<App>,
+    Path(raw): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    let project = project_id(&raw)?;
+    app.authorize(&headers, &project).await?;
+    app.known(&project)?;
+    let ids = app.agent.cancel(project.as_str());
+    Ok(Json(serde_json::json!({"cancelled": ids})).into_response())
+}
+
+async fn status(
+    State(app): State<App>,
+    Path(raw): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    let project = project_id(&raw)?;
+    app.authorize(&headers, &project).await?;
+    let st = app
+        .agent
+        .status(project.as_str())
+        .ok_or_else(|| ApiError::not_found(project.as_str()))?;
+    let mut v = serde_json::to_value(&st).expect("serializes");
+    // The history of earlier builds would make "ready" or "failed" appear in a status about a
+    // build that is neither; it belongs to the versions API.
+    if let Some(o) = v.as_object_mut() {
+        o.remove("history");
+    }
+    Ok(Json(v).into_response())
+}
+
+#[derive(Deserialize)]
+struct LogQuery {
+    build: Option<u64>,
+    follow: Option<String>,
+}
+
+/// `GET /logs/{project}[?build=N][&follow=1]`: the build log; with follow, streamed until the
+/// build ends.
+async fn logs(
+    State(app): State<App>,
+    Path(raw): Path<String>,
+    Query(q): Query<LogQuery>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    let project = project_id(&raw)?;
+    app.authorize(&headers, &project).await?;
+    let st = app
+        .agent
+        .status(project.as_str())
+        .ok_or_else(|| ApiError::not_found(project.as_str()))?;
+    let build = q.build.unwrap_or(st.build);
+    let path = app.agent.log_path(project.as_str(), build);
+    let follow = matches!(q.follow.as_deref(), Some("1" | "true" | "yes"));
+    if !follow {
+        let bytes = tokio::fs::read(&path).await.map_err(|_| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("no log for build {build}"),
+            )
+        })?;
+        return Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], bytes).into_response());
+    }
+    let agent = app.agent.clone();
+    let name = project.as_str().to_owned();
+    let stream = async_stream(agent, name, build, path);
+    Ok((
+        [
+            (header::CONTENT_TYPE, "text/plain; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        Body::from_stream(stream),
+    )
+        .into_response())
+}
+
+/// Tails a log file until its build is no longer running.
+fn async_stream(
+    agent: Arc<Agent>,
+    project: String,
+    build: u64,
+    path: std::path::PathBuf,
+) -> impl futures::Stream<Item = Result<Bytes, std::io::Error>> {
+    use tokio::io::{AsyncReadExt, AsyncSeekExt};
+    futures::stream::unfold(
+        (0u64, false, agent.subscribe()),
+        move |(mut offset, finished, mut changes)| {
+            let (agent, project, path) = (agent.clone(), project.clone(), path.clone());
+            async move {
+                if finished {
+                    return None;
+                }
+                loop {
+                    let running = agent
+                        .status(&project)
+                        .is_some_and(|s| s.build == build && s.state.is_active());
+                    if let Ok(mut f) = tokio::fs::File::open(&path).await {
+                        let _ = f.seek(std::io::SeekFrom::Start(offset)).await;
+                        let mut buf = Vec::new();
+                        let _ = f.take(1 << 20).read_to_end(&mut buf).await;
+                        if !buf.is_empty() {
+                            offset += buf.len() as u64;
+                            return Some((Ok(Bytes::from(buf)), (offset, false, changes)));
+                        }
+                    }
+                    if !running {
+                        return None;
+                    }
+                    let _ =
+                        tokio::time::timeout(Duration::from_millis(200), changes.changed()).await;
+                }
+            }
+        },
+    )
+}
+
+async fn healthz(State(app): State<App>) -> Response {
+    let mut problems = Vec::new();
+    if let Err(e) = app.agent.store.ping().await {
+        problems.push(format!("blob store: {e}"));
+    }
+    let free = crate::fsutil::disk_free(&app.agent.cfg.state_dir).unwrap_or(0);
+    if free < 1 << 30 {
+        problems.push(format!(
+            "disk: only {} MiB free in the state dir",
+            free >> 20
+        ));
+    }
+    if let Err(e) = crate::sandbox::check_host() {
+        problems.push(format!("sandbox: {e}"));
+    }
+    let body = serde_json::json!({
+        "ok": problems.is_empty(),
+        "problems": problems,
+        "queue_depth": app.agent.queue_depth(),
+        "disk_free_bytes": free,
+    });
+    let code = if problems.is_empty() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, Json(body)).into_response()
+}
+
+async fn metrics(State(app): State<App>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        app.agent.metrics.render(),
+    )
+        .into_response()
+}

@@ -1,0 +1,232 @@
+//! What `/status/{project}` answers, kept on disk so it survives restarts, and the build logs.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum State {
+    Queued,
+    Syncing,
+    Installing,
+    Building,
+    Publishing,
+    Ready,
+    Failed,
+    TimedOut,
+    Cancelled,
+}
+
+impl State {
+    pub fn is_active(self) -> bool {
+        matches!(
+            self,
+            State::Queued
+                | State::Syncing
+                | State::Installing
+                | State::Building
+                | State::Publishing
+        )
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Queued => "queued",
+            State::Syncing => "syncing",
+            State::Installing => "installing",
+            State::Building => "building",
+            State::Publishing => "publishing",
+            State::Ready => "ready",
+            State::Failed => "failed",
+            State::TimedOut => "timed_out",
+            State::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// The last build that was published and is being served.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LastGood {
+    pub commit: String,
+    pub build: u64,
+    pub preview_url: String,
+    pub published_at_ms: u64,
+}
+
+/// One finished build, newest first in [`Status::history`].
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct BuildSummary {
+    pub build: u64,
+    pub commit: Option<String>,
+    pub state: State,
+    pub engine: Option<String>,
+    pub duration_ms: u64,
+    pub finished_at_ms: u64,
+    pub error: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Status {
+    pub project: String,
+    pub state: State,
+    /// The commit of the current (or last) build; unknown until its sync ran.
+    pub commit: Option<String>,
+    pub build: u64,
+    /// `project` or `fast`: the Vite that built it; `static` for apps without package.json.
+    pub engine: Option<String>,
+    /// Duration of each finished phase in milliseconds.
+    pub phases: BTreeMap<String, u64>,
+    /// `ran`, `skipped` (dependencies unchanged) or absent (not reached).
+    pub install: Option<String>,
+    pub peak_memory_bytes: u64,
+    pub cpu_time_ms: u64,
+    pub queued_at_ms: u64,
+    pub started_at_ms: Option<u64>,
+    pub finished_at_ms: Option<u64>,
+    pub error: Option<String>,
+    pub last_good: Option<LastGood>,
+    #[serde(default)]
+    pub history: Vec<BuildSummary>,
+}
+
+const HISTORY: usize = 50;
+
+impl Status {
+    pub fn new(project: &str) -> Self {
+        Self {
+            project: project.to_owned(),
+            state: State::Queued,
+            commit: None,
+            build: 0,
+            engine: None,
+            phases: BTreeMap::new(),
+            install: None,
+            peak_memory_bytes: 0,
+            cpu_time_ms: 0,
+            queued_at_ms: now_ms(),
+            started_at_ms: None,
+            finished_at_ms: None,
+            error: None,
+            last_good: None,
+            history: Vec::new(),
+        }
+    }
+
+    /// Resets the per-build fields for build `build`, keeping `last_good` and history.
+    pub fn begin(&mut self, build: u64) {
+        self.state = State::Queued;
+        self.build = build;
+        self.commit = None;
+        self.engine = None;
+        self.phases.clear();
+        self.install = None;
+        self.peak_memory_bytes = 0;
+        self.cpu_time_ms = 0;
+        self.queued_at_ms = now_ms();
+        self.started_at_ms = None;
+        self.finished_at_ms = None;
+        self.error = None;
+    }
+
+    /// Ends the current build in `state` and records it in the history.
+    pub fn finish(&mut self, state: State, error: Option<String>) {
+        let now = now_ms();
+        self.state = state;
+        self.error = error;
+        self.finished_at_ms = Some(now);
+        self.history.insert(
+            0,
+            BuildSummary {
+                build: self.build,
+                commit: self.commit.clone(),
+                state,
+                engine: self.engine.clone(),
+                duration_ms: now.saturating_sub(self.started_at_ms.unwrap_or(self.queued_at_ms)),
+                finished_at_ms: now,
+                error: self.error.clone(),
+            },
+        );
+        self.history.truncate(HISTORY);
+    }
+
+    pub fn load(path: &Path) -> Option<Self> {
+        serde_json::from_slice(&std::fs::read(path).ok()?).ok()
+    }
+
+    pub fn save(&self, path: &Path) -> std::io::Result<()> {
+        crate::fsutil::write_atomic(path, &serde_json::to_vec_pretty(self).expect("serializes"))
+    }
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// A build's log file: appended as the build runs, bounded in size so a chatty build cannot fill
+/// the disk.
+pub struct Log {
+    file: std::fs::File,
+    path: PathBuf,
+    written: u64,
+    limit: u64,
+    truncated: bool,
+}
+
+impl Log {
+    pub fn create(path: &Path, limit: u64) -> std::io::Result<Self> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)?;
+        let written = file.metadata()?.len();
+        Ok(Self {
+            file,
+            path: path.to_owned(),
+            written,
+            limit,
+            truncated: false,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn write(&mut self, bytes: &[u8]) {
+        if self.truncated {
+            return;
+        }
+        let room = self.limit.saturating_sub(self.written) as usize;
+        if bytes.len() > room {
+            let _ = self.file.write_all(&bytes[..room]);
+            let _ = self
+                .file
+                .write_all(b"\n[kiln] log truncated: it reached its size limit\n");
+            self.truncated = true;
+            self.written = self.limit;
+            return;
+        }
+        if self.file.write_all(bytes).is_ok() {
+            self.written += bytes.len() as u64;
+        }
+    }
+
+    /// A line from Kiln itself, marked so it stands out from the tools' output.
+    pub fn note(&mut self, line: &str) {
+        self.write(format!("[kiln] {line}\n").as_bytes());
+    }
+
+    pub fn phase(&mut self, name: &str) {
+        self.write(format!("==> {name}\n").as_bytes());
+    }
+}

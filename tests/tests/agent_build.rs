@@ -1,0 +1,263 @@
+//! The agent end to end: a real push through gitstore, the webhook, real pnpm and Vite in the
+//! sandbox, and the published preview on disk.
+
+use std::time::Duration;
+
+use kiln_tests::*;
+
+const COLD: Duration = Duration::from_secs(300);
+const WARM: Duration = Duration::from_secs(120);
+
+fn js_bundle(stack: &Stack, project: &str) -> String {
+    let assets = stack.publish_dir().join(project).join("current/assets");
+    let mut out = String::new();
+    for e in std::fs::read_dir(&assets)
+        .expect("published assets")
+        .flatten()
+    {
+        if e.path().extension().is_some_and(|x| x == "js") {
+            out.push_str(&std::fs::read_to_string(e.path()).unwrap());
+        }
+    }
+    out
+}
+
+#[test]
+fn push_builds_a_preview_and_a_one_file_change_skips_install() {
+    let stack = Stack::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let app = fixture_app(&tmp.path().join("app"));
+    stack.push(&app, "shop");
+    let c1 = app.head();
+    let st = stack.wait_settled("shop", &c1, COLD);
+    assert_eq!(st["state"], "ready", "{st:#}");
+    assert_eq!(st["install"], "ran", "{st:#}");
+    assert_eq!(st["engine"], "project", "{st:#}");
+    for phase in ["sync", "checkout", "install", "build", "publish"] {
+        assert!(
+            st["phases"][phase].is_u64(),
+            "phase {phase} missing: {st:#}"
+        );
+    }
+    assert_eq!(st["last_good"]["commit"], c1.as_str());
+    assert!(
+        st["peak_memory_bytes"].as_u64().unwrap() > 10 << 20,
+        "{st:#}"
+    );
+    let index = stack
+        .published("shop", "index.html")
+        .expect("index.html published");
+    assert!(
+        index.contains("/shop/assets/"),
+        "base path not applied: {index}"
+    );
+    assert!(js_bundle(&stack, "shop").contains("first text"));
+    assert!(
+        stack
+            .publish_dir()
+            .join("shop/current/index.html.gz")
+            .is_file()
+            || index.len() < 256,
+        "text assets are precompressed"
+    );
+
+    app.commit_file("src/text.ts", "export const TEXT: string = 'second text'\n");
+    stack.push(&app, "shop");
+    let c2 = app.head();
+    let st = stack.wait_settled("shop", &c2, WARM);
+    assert_eq!(st["state"], "ready", "{st:#}");
+    assert_eq!(st["install"], "skipped", "{st:#}");
+    assert!(st["phases"].get("install").is_none(), "{st:#}");
+    let bundle = js_bundle(&stack, "shop");
+    assert!(bundle.contains("second text") && !bundle.contains("first text"));
+    let log = stack.build_log("shop");
+    assert!(log.contains("checkout: 1 written, 0 deleted"), "{log}");
+    assert!(log.contains("==> build"), "{log}");
+}
+
+#[test]
+fn a_broken_change_fails_with_the_compilers_error_and_keeps_the_last_good_build() {
+    let stack = Stack::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let app = fixture_app(&tmp.path().join("app"));
+    stack.push(&app, "broken");
+    let good = app.head();
+    stack.wait_settled("broken", &good, COLD);
+
+    app.commit_file("src/text.ts", "export const TEXT: string = ;\n");
+    stack.push(&app, "broken");
+    let bad = app.head();
+    let st = stack.wait_settled("broken", &bad, WARM);
+    assert_eq!(st["state"], "failed", "{st:#}");
+    let error = st["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("text.ts"),
+        "the error names the file: {error}"
+    );
+    assert_eq!(st["last_good"]["commit"], good.as_str(), "{st:#}");
+    let log = stack.build_log("broken");
+    assert!(
+        log.contains("text.ts"),
+        "the compiler's error is in the log: {log}"
+    );
+    assert!(
+        js_bundle(&stack, "broken").contains("first text"),
+        "the previous preview stays served"
+    );
+}
+
+#[test]
+fn a_dependency_change_installs_again() {
+    let stack = Stack::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let app = fixture_app(&tmp.path().join("app"));
+    stack.push(&app, "deps");
+    stack.wait_settled("deps", &app.head(), COLD);
+
+    let out = run(std::process::Command::new("pnpm")
+        .current_dir(&app.path)
+        .args(["add", "clsx@2.1.1", "--lockfile-only", "--ignore-scripts"]));
+    assert!(out.ok, "pnpm add: {}", out.stderr);
+    app.write(
+        "src/components/Header.tsx",
+        "import clsx from 'clsx'\nexport function Header({ title }: { title: string }) {\n  return <h1 className={clsx('title', 'kiln-dep-marker')}>{title}</h1>\n}\n",
+    );
+    app.git_ok(&["add", "-A"]);
+    app.git_ok(&["commit", "-q", "-m", "add clsx"]);
+    stack.push(&app, "deps");
+    let st = stack.wait_settled("deps", &app.head(), COLD);
+    assert_eq!(st["state"], "ready", "{st:#}");
+    assert_eq!(st["install"], "ran", "{st:#}");
+    assert!(js_bundle(&stack, "deps").contains("kiln-dep-marker"));
+}
+
+#[test]
+fn rejects_unsigned_and_badly_signed_webhooks() {
+    let stack = Stack::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let app = fixture_app(&tmp.path().join("app"));
+    stack.push(&app, "hooks");
+    stack.wait_settled("hooks", &app.head(), COLD);
+    let url = format!("{}/sync-project/hooks", stack.agent_url());
+    let r = http("POST", &url, &[("Content-Type", "application/json")], b"{}");
+    assert_eq!(r.status, 401, "{}", r.body);
+    assert!(r.body.contains("X-Kiln-Signature-256"), "{}", r.body);
+    let wrong = format!("sha256={}", "0".repeat(64));
+    let r = http("POST", &url, &[("X-Kiln-Signature-256", &wrong)], b"{}");
+    assert_eq!(r.status, 401, "{}", r.body);
+
+    // A correctly signed webhook for the commit already built builds nothing.
+    let body = format!("{{\"ref\":\"refs/heads/main\",\"new\":\"{}\"}}", app.head());
+    let sig = signature(body.as_bytes());
+    let r = http(
+        "POST",
+        &url,
+        &[("X-Kiln-Signature-256", &sig)],
+        body.as_bytes(),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["state"], "ready");
+    let sig = signature(b"{}");
+    let r = http("POST", &url, &[("X-Kiln-Signature-256", &sig)], b"{}");
+    assert!(matches!(r.status, 200 | 202), "{}", r.body);
+}
+
+fn signature(body: &[u8]) -> String {
+    use hmac::Mac;
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(WEBHOOK_SECRET.as_bytes()).unwrap();
+    mac.update(body);
+    format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+#[test]
+fn refuses_status_without_a_token_or_to_another_client() {
+    let stack = Stack::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let app = fixture_app(&tmp.path().join("app"));
+    // A static site builds fast: this test is about access, not Vite.
+    app.git_ok(&["rm", "-q", "package.json"]);
+    app.git_ok(&["commit", "-q", "-m", "static"]);
+    stack.push(&app, "private");
+    stack.wait_settled("private", &app.head(), WARM);
+    let url = format!("{}/status/private", stack.agent_url());
+    let r = http("GET", &url, &[], b"");
+    assert_eq!(r.status, 401, "{}", r.body);
+    let other = stack.gitstore.create_client("someone-else");
+    let auth = format!("Bearer {other}");
+    let r = http("GET", &url, &[("Authorization", &auth)], b"");
+    assert_eq!(
+        r.status, 404,
+        "another client's project looks absent: {}",
+        r.body
+    );
+    let r = stack.agent_http("GET", "/status/never-pushed");
+    assert_eq!(r.status, 404, "{}", r.body);
+    let r = stack.agent_http("GET", "/status/..%2Fetc");
+    assert_eq!(r.status, 400, "{}", r.body);
+}
+
+#[test]
+fn contains_a_build_that_overwrites_a_shared_node_modules_file() {
+    // Two projects share one pnpm store: node_modules files are hard links into it. A build that
+    // overwrites react's entry point must change nothing the other project gets.
+    let stack = Stack::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let victim = fixture_app(&tmp.path().join("victim"));
+    stack.push(&victim, "victim");
+    stack.wait_settled("victim", &victim.head(), COLD);
+
+    let evil = fixture_app(&tmp.path().join("evil"));
+    evil.commit_file(
+        "vite.config.ts",
+        "import { defineConfig } from 'vite'\nimport react from '@vitejs/plugin-react'\nimport fs from 'node:fs'\nfor (const f of ['node_modules/react/index.js', 'node_modules/react/cjs/react.production.min.js']) {\n  try { fs.writeFileSync(f, 'throw new Error(\"kiln-poisoned\")'); console.log('overwrote', f) } catch (e) { console.log('write refused', f, e.code) }\n}\nexport default defineConfig({ plugins: [react()] })\n",
+    );
+    stack.push(&evil, "evil");
+    stack.wait_settled("evil", &evil.head(), COLD);
+
+    victim.commit_file(
+        "src/text.ts",
+        "export const TEXT: string = 'victim rebuilt'\n",
+    );
+    stack.push(&victim, "victim");
+    let st = stack.wait_settled("victim", &victim.head(), WARM);
+    assert_eq!(st["state"], "ready", "{st:#}");
+    let bundle = js_bundle(&stack, "victim");
+    assert!(bundle.contains("victim rebuilt"));
+    assert!(
+        !bundle.contains("kiln-poisoned"),
+        "another project's build poisoned react"
+    );
+}
+
+#[test]
+fn cancel_stops_a_running_build_and_keeps_the_last_good() {
+    let stack = Stack::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let app = fixture_app(&tmp.path().join("app"));
+    stack.push(&app, "slow");
+    let good = app.head();
+    stack.wait_settled("slow", &good, COLD);
+    app.commit_file(
+        "vite.config.ts",
+        "import { defineConfig } from 'vite'\nawait new Promise(r => setTimeout(r, 60000))\nexport default defineConfig({})\n",
+    );
+    stack.push(&app, "slow");
+    let started = std::time::Instant::now();
+    loop {
+        let st = stack.status("slow");
+        if st["state"] == "building" {
+            break;
+        }
+        assert!(started.elapsed() < WARM, "never started building: {st:#}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let r = stack.agent_http("POST", "/cancel/slow");
+    assert_eq!(r.status, 200, "{}", r.body);
+    let st = stack.wait_settled("slow", &app.head(), Duration::from_secs(20));
+    assert_eq!(st["state"], "cancelled", "{st:#}");
+    assert_eq!(st["last_good"]["commit"], good.as_str());
+    assert!(
+        started.elapsed() < Duration::from_secs(50),
+        "cancel took too long"
+    );
+}
