@@ -38,6 +38,7 @@ pub struct Agent {
     pub(crate) store: BlobStore,
     pub(crate) exe: PathBuf,
     pub(crate) metrics: Metrics,
+    pub(crate) engines: crate::engine::Engines,
     slots: Mutex<HashMap<String, Arc<Mutex<Slot>>>>,
     permits: Arc<Semaphore>,
     /// Bumped whenever any status changes, so log followers and waiters wake.
@@ -60,6 +61,7 @@ impl Agent {
             store,
             exe,
             metrics: Metrics::default(),
+            engines: Default::default(),
             slots: Mutex::new(HashMap::new()),
             permits,
             changed: watch::channel(0).0,

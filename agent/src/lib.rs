@@ -8,6 +8,7 @@
 mod agent;
 pub mod checkout;
 pub mod config;
+mod engine;
 mod fsutil;
 mod metrics;
 mod pipeline;

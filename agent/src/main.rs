@@ -83,6 +83,11 @@ struct ServeArgs {
     pnpm: PathBuf,
     #[arg(long, env = "KILN_NODE", default_value = "/usr/bin/node")]
     node: PathBuf,
+    /// Default build engine: `fast` (a current Vite kept by Kiln, falling back to the project's
+    /// own on failure) or `project`. A project pins one with `"kiln": {"engine": ...}` in
+    /// package.json.
+    #[arg(long, env = "KILN_ENGINE", default_value = "fast")]
+    engine: agent::config::Engine,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -136,6 +141,7 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         max_output_bytes: a.max_output_mb << 20,
         pnpm: a.pnpm,
         node: a.node,
+        engine: a.engine,
     };
     agent::sandbox::check_host().context("this host cannot run build sandboxes")?;
     for d in [&cfg.state_dir, &cfg.publish_dir] {
@@ -151,6 +157,8 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
     );
     let agent = agent::Agent::new(cfg, store, exe);
     agent.recover();
+    // Installed even when the default is `project`: a project may pin `fast`.
+    agent.install_fast_engine();
     let listener = tokio::net::TcpListener::bind(a.listen)
         .await
         .with_context(|| format!("binding {}", a.listen))?;

@@ -28,6 +28,7 @@ pub(crate) struct Counters {
     pub(crate) install_skipped: AtomicU64,
     pub(crate) coalesced: AtomicU64,
     pub(crate) webhooks_rejected: AtomicU64,
+    pub(crate) fast_fallbacks: AtomicU64,
 }
 
 impl std::ops::Deref for Metrics {
@@ -130,6 +131,12 @@ impl Metrics {
             "counter",
             "Webhooks refused for a bad or missing signature.",
             vec![(String::new(), g(&self.webhooks_rejected))],
+        );
+        family(
+            "kiln_agent_fast_engine_fallbacks_total",
+            "counter",
+            "Builds the fast engine failed and the project's own Vite built again.",
+            vec![(String::new(), g(&self.fast_fallbacks))],
         );
         out
     }

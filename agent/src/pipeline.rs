@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::agent::{make_owned_dir, Agent, Request};
 use crate::checkout::{self, Flat, Owner};
+use crate::config::Engine;
 use crate::publish;
 use crate::sandbox::{self, Exit, Mount, Spec};
 use crate::status::{LastGood, Log, State};
@@ -363,25 +364,7 @@ async fn install_if_needed(
             let _ = std::fs::remove_file(&dst);
         }
     }
-    let frozen = files.contains_key("pnpm-lock.yaml");
-    let mut argv = vec![
-        cfg.pnpm.display().to_string(),
-        "install".into(),
-        "--store-dir=/kiln/store".into(),
-        "--ignore-scripts".into(),
-        "--ignore-pnpmfile".into(),
-        "--reporter=append-only".into(),
-        "--config.confirmModulesPurge=false".into(),
-        "--prefer-offline".into(),
-    ];
-    argv.push(
-        if frozen {
-            "--frozen-lockfile"
-        } else {
-            "--no-frozen-lockfile"
-        }
-        .into(),
-    );
+    let argv = pnpm_install_argv(cfg, files.contains_key("pnpm-lock.yaml"));
     log.note(&format!(
         "{} (network allowed in this phase only)",
         argv[1..].join(" ")
@@ -412,6 +395,30 @@ async fn install_if_needed(
     Ok(nm)
 }
 
+/// `pnpm install` as every install runs it: from the shared store, without dependency lifecycle
+/// scripts or `.pnpmfile.cjs` (no project code runs while the store is writable).
+pub(crate) fn pnpm_install_argv(cfg: &crate::config::Config, frozen: bool) -> Vec<String> {
+    let mut argv = vec![
+        cfg.pnpm.display().to_string(),
+        "install".into(),
+        "--store-dir=/kiln/store".into(),
+        "--ignore-scripts".into(),
+        "--ignore-pnpmfile".into(),
+        "--reporter=append-only".into(),
+        "--config.confirmModulesPurge=false".into(),
+        "--prefer-offline".into(),
+    ];
+    argv.push(
+        if frozen {
+            "--frozen-lockfile"
+        } else {
+            "--no-frozen-lockfile"
+        }
+        .into(),
+    );
+    argv
+}
+
 fn scratch_id(scratch: &Path) -> String {
     scratch
         .file_name()
@@ -420,6 +427,7 @@ fn scratch_id(scratch: &Path) -> String {
 }
 
 /// Builds with Vite (or the package's build script) in the sandbox, offline. Returns the output.
+/// With the fast engine, a failure is retried once with the project's own Vite.
 async fn build_in_sandbox(
     agent: &Arc<Agent>,
     project: &str,
@@ -429,10 +437,70 @@ async fn build_in_sandbox(
     cancel: &CancellationToken,
     log: &mut Log,
 ) -> Result<PathBuf, Failure> {
-    let cfg = &agent.cfg;
-    let (uid, gid) = (cfg.sandbox_uid, cfg.sandbox_gid);
     phase(agent, project, log, State::Building, "build");
     let t = Instant::now();
+    let has_vite = nm.join("node_modules/vite/bin/vite.js").is_file();
+    let wanted = pinned_engine(&worktree.join("package.json")).unwrap_or(agent.cfg.engine);
+    let fast = agent.engines.fast();
+    let mut attempts = Vec::new();
+    if has_vite && wanted == Engine::Fast {
+        match &fast {
+            Some(dir) => attempts.push((Engine::Fast, Some(dir.clone()))),
+            None => {
+                log.note("the fast engine is not installed yet: building with the project's Vite")
+            }
+        }
+    }
+    attempts.push((Engine::Project, None));
+    let last = attempts.len() - 1;
+    for (i, (engine, engine_dir)) in attempts.into_iter().enumerate() {
+        let attempt = scratch.join(engine.as_str());
+        let r = build_once(
+            agent,
+            project,
+            worktree,
+            nm,
+            &attempt,
+            engine,
+            engine_dir.as_deref(),
+            has_vite,
+            cancel,
+            log,
+        )
+        .await;
+        match r {
+            Err(f) if i < last && f.state == State::Failed && !cancel.is_cancelled() => {
+                log.note(&format!(
+                    "the fast engine failed; building again with the project's own Vite ({})",
+                    f.message.lines().next().unwrap_or_default()
+                ));
+                agent.metrics.inc(&agent.metrics.fast_fallbacks);
+            }
+            Err(f) => return Err(f),
+            Ok(out) => {
+                done(agent, project, "build", t);
+                return Ok(out);
+            }
+        }
+    }
+    unreachable!("the project engine is always the last attempt")
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn build_once(
+    agent: &Arc<Agent>,
+    project: &str,
+    worktree: &Path,
+    nm: &Path,
+    scratch: &Path,
+    engine: Engine,
+    engine_dir: Option<&Path>,
+    has_vite: bool,
+    cancel: &CancellationToken,
+    log: &mut Log,
+) -> Result<PathBuf, Failure> {
+    let cfg = &agent.cfg;
+    let (uid, gid) = (cfg.sandbox_uid, cfg.sandbox_gid);
     let setup = |e: std::io::Error| Failure::failed(format!("preparing the build: {e}"));
     let upper = scratch.join("upper");
     let out = scratch.join("out");
@@ -441,54 +509,73 @@ async fn build_in_sandbox(
     make_owned_dir(&out, uid, gid, 0o755).map_err(setup)?;
 
     let base = cfg.base_path_for(project);
-    let (argv, result_dir, what) = if nm.join("node_modules/vite/bin/vite.js").is_file() {
-        (
-            vec![
-                cfg.node.display().to_string(),
-                "/app/node_modules/vite/bin/vite.js".into(),
-                "build".into(),
-                "--base".into(),
-                base.clone(),
-                "--outDir".into(),
-                "/out".into(),
-                "--emptyOutDir".into(),
-            ],
+    let vite_args = |vite: &str| {
+        vec![
+            cfg.node.display().to_string(),
+            vite.to_owned(),
+            "build".into(),
+            "--base".into(),
+            base.clone(),
+            "--outDir".into(),
+            "/out".into(),
+            "--emptyOutDir".into(),
+        ]
+    };
+    let mut mounts = vec![
+        Mount::Overlay {
+            lower: vec![worktree.to_owned(), nm.to_owned()],
+            upper: upper.clone(),
+            work: scratch.join("work"),
+            dst: "/app".into(),
+        },
+        Mount::Bind {
+            src: out.clone(),
+            dst: "/out".into(),
+            writable: true,
+        },
+    ];
+    let (argv, result_dir, what) = match engine_dir {
+        Some(dir) => {
+            mounts.push(Mount::Bind {
+                src: dir.to_owned(),
+                dst: "/kiln-engine".into(),
+                writable: false,
+            });
+            (
+                vite_args("/kiln-engine/node_modules/vite/bin/vite.js"),
+                out.clone(),
+                "vite build (fast engine)",
+            )
+        }
+        None if has_vite => (
+            vite_args("/app/node_modules/vite/bin/vite.js"),
             out.clone(),
             "vite build",
-        )
-    } else if has_build_script(&worktree.join("package.json")) {
-        (
+        ),
+        None if has_build_script(&worktree.join("package.json")) => (
             vec![cfg.pnpm.display().to_string(), "run".into(), "build".into()],
             upper.join("dist"),
             "pnpm run build",
-        )
-    } else {
-        return Err(Failure::failed(
+        ),
+        None => return Err(Failure::failed(
             "nothing to build: add vite to the dependencies or a \"build\" script to package.json",
-        ));
+        )),
     };
-    agent.update(project, |s| s.engine = Some("project".into()));
+    agent.update(project, |s| s.engine = Some(engine.as_str().into()));
     log.note(&format!(
-        "engine project: {what} with base {base} (no network)"
+        "engine {}: {what} with base {base} (no network)",
+        engine.as_str()
     ));
     let mut env = sandbox_env(cfg, project, "production");
     env.push(("KILN_BASE".into(), base));
     let spec = Spec {
-        cgroup: format!("{project}-{}-build", scratch_id(scratch)),
-        root: scratch.join("build-root"),
-        mounts: vec![
-            Mount::Overlay {
-                lower: vec![worktree.to_owned(), nm.to_owned()],
-                upper: upper.clone(),
-                work: scratch.join("work"),
-                dst: "/app".into(),
-            },
-            Mount::Bind {
-                src: out.clone(),
-                dst: "/out".into(),
-                writable: true,
-            },
-        ],
+        cgroup: format!(
+            "{project}-{}-{}",
+            scratch_id(scratch.parent().unwrap_or(scratch)),
+            engine.as_str()
+        ),
+        root: scratch.join("root"),
+        mounts,
         network: false,
         uid,
         gid,
@@ -498,8 +585,13 @@ async fn build_in_sandbox(
         limits: limits(cfg, cfg.build_timeout),
     };
     run_sandboxed(agent, project, what, &spec, cancel, log).await?;
-    done(agent, project, "build", t);
     Ok(result_dir)
+}
+
+/// A project may pin its engine in package.json: `"kiln": {"engine": "project"}`.
+fn pinned_engine(package_json: &Path) -> Option<Engine> {
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(package_json).ok()?).ok()?;
+    v["kiln"]["engine"].as_str()?.parse().ok()
 }
 
 fn has_build_script(package_json: &Path) -> bool {
@@ -509,7 +601,7 @@ fn has_build_script(package_json: &Path) -> bool {
         .is_some_and(|v| v["scripts"]["build"].is_string())
 }
 
-fn sandbox_env(
+pub(crate) fn sandbox_env(
     cfg: &crate::config::Config,
     project: &str,
     node_env: &str,

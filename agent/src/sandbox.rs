@@ -192,7 +192,12 @@ pub async fn run(
     validate(spec)?;
     // Step 3 first half: the spec, root-only. Created before the cgroup so a failure here
     // leaves nothing behind.
-    let workdir = tempfile::Builder::new().prefix("kiln-sandbox-").tempdir()?;
+    // Beside the new root, in the agent's own scratch: cleaned with it after a crash.
+    let parent = spec.root.parent().unwrap_or(Path::new("/tmp"));
+    fs::create_dir_all(parent)?;
+    let workdir = tempfile::Builder::new()
+        .prefix("kiln-sandbox-")
+        .tempdir_in(parent)?;
     let spec_path = workdir.path().join("spec.json");
     let json = serde_json::to_vec(spec).map_err(std::io::Error::from)?;
     fs::OpenOptions::new()
@@ -329,7 +334,10 @@ async fn supervise(
     let (sender, mut pipe) = tokio::net::unix::pipe::pipe()?;
     let writer = sender.into_blocking_fd()?;
     let writer2 = writer.try_clone()?;
-    let mut cmd = tokio::process::Command::new("unshare");
+    // setpriv's parent-death signal: if the agent dies outright, unshare gets SIGKILL and its
+    // --kill-child takes the sandbox's PID 1, and so the whole pid namespace, with it.
+    let mut cmd = tokio::process::Command::new("setpriv");
+    cmd.args(["--pdeathsig", "KILL", "--", "unshare"]);
     cmd.args(["--mount", "--pid", "--fork", "--ipc", "--uts"]);
     if !spec.network {
         cmd.arg("--net");

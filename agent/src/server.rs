@@ -397,6 +397,7 @@ async fn healthz(State(app): State<App>) -> Response {
         "ok": problems.is_empty(),
         "problems": problems,
         "queue_depth": app.agent.queue_depth(),
+        "fast_engine_ready": app.agent.fast_engine_ready(),
         "disk_free_bytes": free,
     });
     let code = if problems.is_empty() {

@@ -948,6 +948,7 @@ pub struct Stack {
     pub gitstore: Gitstore,
     pub agent: Child,
     pub agent_port: u16,
+    agent_args: Vec<String>,
     /// A client token that owns the projects the test pushes.
     pub token: String,
     dir: tempfile::TempDir,
@@ -970,29 +971,8 @@ impl Stack {
         let store = dir.path().join("store");
         std::fs::create_dir_all(&store).expect("store dir");
         let port = free_port();
-        let log = std::fs::File::create(dir.path().join("agent.log")).expect("log file");
-        let mut cmd = Command::new(bin("kiln-agent"));
-        hermetic_env(&mut cmd);
-        cmd.arg("serve")
-            .args(["--listen", &format!("127.0.0.1:{port}")])
-            .arg("--store")
-            .arg(&store)
-            .arg("--state-dir")
-            .arg(dir.path().join("state"))
-            .arg("--publish-dir")
-            .arg(dir.path().join("www"))
-            .arg("--volume-dir")
-            .arg(shared_volume())
-            .args(["--webhook-secret", WEBHOOK_SECRET])
-            .args(["--sandbox-user", SANDBOX_USER])
-            .args(["--preview-url", "http://127.0.0.1:9/"])
-            .args(agent_args)
-            .env("KILN_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log file"))
-            .stderr(log)
-            .process_group(0);
-        let agent = cmd.spawn().expect("starting kiln-agent");
+        let agent_args: Vec<String> = agent_args.iter().map(|s| s.to_string()).collect();
+        let agent = spawn_agent(dir.path(), port, &agent_args);
         let gitstore = Gitstore::start_with(Options {
             store: Some(store.to_string_lossy().into_owned()),
             args: vec!["--agent-url".into(), format!("http://127.0.0.1:{port}")],
@@ -1003,6 +983,7 @@ impl Stack {
             gitstore,
             agent,
             agent_port: port,
+            agent_args,
             token,
             dir,
         };
@@ -1012,25 +993,56 @@ impl Stack {
 
     fn wait_agent_healthy(&mut self) {
         let started = Instant::now();
-        while started.elapsed() < Duration::from_secs(20) {
+        while started.elapsed() < Duration::from_secs(180) {
             if let Ok(Some(status)) = self.agent.try_wait() {
                 panic!("kiln-agent exited ({status}):\n{}", self.agent_log());
             }
             if let Ok(r) = try_http("GET", &format!("{}/healthz", self.agent_url()), &[], b"") {
-                if r.status == 200 {
+                // The fast engine installs in the background on first start (into the shared
+                // volume); waiting for it makes the engine a test builds with predictable.
+                if r.status == 200 && r.json()["fast_engine_ready"] == true {
                     return;
                 }
             }
             std::thread::sleep(Duration::from_millis(50));
         }
         panic!(
-            "kiln-agent did not become healthy within 20 s:\n{}",
+            "kiln-agent did not become healthy with its fast engine within 180 s:\n{}",
             self.agent_log()
         );
     }
 
     pub fn agent_url(&self) -> String {
         format!("http://127.0.0.1:{}", self.agent_port)
+    }
+
+    /// SIGKILLs the agent process alone (not its process group), as a crash or the kernel's
+    /// OOM killer would: whatever it started must go away by itself.
+    pub fn kill_agent(&mut self) {
+        let _ = self.agent.kill();
+        let _ = self.agent.wait();
+    }
+
+    /// Processes still running a sandbox of this stack's agent.
+    pub fn sandbox_processes(&self) -> Vec<String> {
+        let marker = self.dir.path().to_string_lossy().into_owned();
+        let mut found = Vec::new();
+        for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            if let Ok(cmdline) = std::fs::read(e.path().join("cmdline")) {
+                let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+                if cmdline.contains("sandbox-init") && cmdline.contains(&marker) {
+                    found.push(cmdline);
+                }
+            }
+        }
+        found
+    }
+
+    /// Starts the agent again on the same state, port and arguments.
+    pub fn restart_agent(&mut self) {
+        kill_group(&mut self.agent);
+        self.agent = spawn_agent(self.dir.path(), self.agent_port, &self.agent_args);
+        self.wait_agent_healthy();
     }
 
     pub fn agent_log(&self) -> String {
@@ -1120,6 +1132,36 @@ impl Drop for Stack {
             );
         }
     }
+}
+
+fn spawn_agent(dir: &Path, port: u16, args: &[String]) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("agent.log"))
+        .expect("log file");
+    let mut cmd = Command::new(bin("kiln-agent"));
+    hermetic_env(&mut cmd);
+    cmd.arg("serve")
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .arg("--store")
+        .arg(dir.join("store"))
+        .arg("--state-dir")
+        .arg(dir.join("state"))
+        .arg("--publish-dir")
+        .arg(dir.join("www"))
+        .arg("--volume-dir")
+        .arg(shared_volume())
+        .args(["--webhook-secret", WEBHOOK_SECRET])
+        .args(["--sandbox-user", SANDBOX_USER])
+        .args(["--preview-url", "http://127.0.0.1:9/"])
+        .args(args)
+        .env("KILN_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("log file"))
+        .stderr(log)
+        .process_group(0);
+    cmd.spawn().expect("starting kiln-agent")
 }
 
 /// A new repository at `path` holding the Vite + React + TypeScript fixture app

@@ -32,7 +32,7 @@ fn push_builds_a_preview_and_a_one_file_change_skips_install() {
     let st = stack.wait_settled("shop", &c1, COLD);
     assert_eq!(st["state"], "ready", "{st:#}");
     assert_eq!(st["install"], "ran", "{st:#}");
-    assert_eq!(st["engine"], "project", "{st:#}");
+    assert_eq!(st["engine"], "fast", "{st:#}");
     for phase in ["sync", "checkout", "install", "build", "publish"] {
         assert!(
             st["phases"][phase].is_u64(),
@@ -259,5 +259,82 @@ fn cancel_stops_a_running_build_and_keeps_the_last_good() {
     assert!(
         started.elapsed() < Duration::from_secs(50),
         "cancel took too long"
+    );
+}
+
+#[test]
+fn a_project_can_pin_its_own_vite_and_fast_failures_fall_back_to_it() {
+    let stack = Stack::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let app = fixture_app(&tmp.path().join("app"));
+    let pkg = std::fs::read_to_string(app.path.join("package.json")).unwrap();
+    let pinned = pkg.replacen('{', "{\n  \"kiln\": { \"engine\": \"project\" },", 1);
+    app.commit_file("package.json", pinned);
+    stack.push(&app, "pinned");
+    let st = stack.wait_settled("pinned", &app.head(), COLD);
+    assert_eq!(st["state"], "ready", "{st:#}");
+    assert_eq!(st["engine"], "project", "{st:#}");
+
+    // A config only the project's Vite can load: the fast engine fails, the project's builds.
+    let app2 = fixture_app(&tmp.path().join("app2"));
+    app2.commit_file(
+        "vite.config.ts",
+        "import { defineConfig } from 'vite'\nimport react from '@vitejs/plugin-react'\nif (process.argv[1].includes('kiln-engine')) throw new Error('kiln-test: not on this Vite')\nexport default defineConfig({ plugins: [react()] })\n",
+    );
+    stack.push(&app2, "fallback");
+    let st = stack.wait_settled("fallback", &app2.head(), COLD);
+    assert_eq!(st["state"], "ready", "{st:#}");
+    assert_eq!(st["engine"], "project", "{st:#}");
+    let log = stack.build_log("fallback");
+    assert!(log.contains("kiln-test: not on this Vite"), "{log}");
+    assert!(log.contains("the fast engine failed"), "{log}");
+}
+
+#[test]
+fn contains_an_agent_crash_mid_build_and_redoes_the_build_after_restart() {
+    let mut stack = Stack::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let app = fixture_app(&tmp.path().join("app"));
+    stack.push(&app, "crash");
+    let good = app.head();
+    stack.wait_settled("crash", &good, COLD);
+    app.commit_file(
+        "vite.config.ts",
+        "import { defineConfig } from 'vite'\nimport react from '@vitejs/plugin-react'\nawait new Promise(r => setTimeout(r, 4000))\nexport default defineConfig({ plugins: [react()] })\n",
+    );
+    stack.push(&app, "crash");
+    let started = std::time::Instant::now();
+    while stack.status("crash")["state"] != "building" {
+        assert!(started.elapsed() < WARM, "never started building");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        !stack.sandbox_processes().is_empty(),
+        "the build runs in a sandbox"
+    );
+    stack.kill_agent();
+    let killed = std::time::Instant::now();
+    while !stack.sandbox_processes().is_empty() {
+        assert!(
+            killed.elapsed() < Duration::from_secs(10),
+            "sandbox processes outlived the agent: {:?}",
+            stack.sandbox_processes()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        stack.published("crash", "index.html").is_some(),
+        "the last good preview is still served"
+    );
+    stack.restart_agent();
+    let st = stack.wait_settled("crash", &app.head(), COLD);
+    assert_eq!(
+        st["state"], "ready",
+        "the interrupted build ran again: {st:#}"
+    );
+    assert!(
+        !stack.state_dir().join("builds").join("crash-2").exists(),
+        "scratch of the interrupted build was cleaned"
     );
 }
