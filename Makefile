@@ -17,6 +17,7 @@ test: deps-test
 
 bench: deps-test
 	$(CARGO) bench -p kiln-gitstore --bench push
+	$(CARGO) bench -p kiln-tests --bench preview
 
 deps:
 	bash provisioning/deps.sh
