@@ -322,6 +322,17 @@ impl Agent {
     pub(crate) fn volume(&self) -> PathBuf {
         self.cfg.volume_dir.clone()
     }
+
+    /// Creates the volume's fixed layout with its owners and modes: the store writable by the
+    /// sandbox user, `nm/` traversable but not listable, so no install finds another's dir.
+    pub fn prepare_volume(&self) -> std::io::Result<()> {
+        let v = self.volume();
+        let (uid, gid) = (self.cfg.sandbox_uid, self.cfg.sandbox_gid);
+        make_owned_dir(&v, 0, 0, 0o711)?;
+        make_owned_dir(&v.join("store"), uid, gid, 0o755)?;
+        make_owned_dir(&v.join("nm"), 0, 0, 0o711)?;
+        make_owned_dir(&v.join("engines"), 0, 0, 0o755)
+    }
 }
 
 /// Creates a directory owned by `uid:gid` with `mode`.

@@ -74,16 +74,6 @@ pub struct CheckoutReport {
     pub full: bool,
 }
 
-impl CheckoutReport {
-    /// True when any of `names` (paths at the root of the tree) was written or deleted.
-    pub fn touched_any(&self, names: &[&str]) -> bool {
-        self.written
-            .iter()
-            .chain(&self.deleted)
-            .any(|p| names.contains(&p.as_str()))
-    }
-}
-
 /// Files of a tree: path → (blob id, kind).
 pub type Flat = BTreeMap<String, (gix::ObjectId, Kind)>;
 
@@ -312,10 +302,4 @@ fn remove_empty_parents(root: &Path, file: &Path) {
 fn write_record(path: &Path, record: &Record) -> Result<(), CheckoutError> {
     let bytes = serde_json::to_vec(record).expect("serializes");
     crate::fsutil::write_atomic(path, &bytes).map_err(io(path))
-}
-
-/// The tree id the worktree was last brought to, if it has a record.
-pub fn recorded_tree(record_path: &Path) -> Option<String> {
-    let r: Record = serde_json::from_slice(&std::fs::read(record_path).ok()?).ok()?;
-    Some(r.tree)
 }

@@ -8,7 +8,7 @@ use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
 use crate::agent::{make_owned_dir, Agent};
-use crate::sandbox::{self, Exit, Mount, Spec};
+use crate::sandbox::{self, Exit};
 use crate::status::Log;
 
 const PACKAGE_JSON: &str = include_str!("../engines/fast/package.json");
@@ -47,7 +47,6 @@ impl Agent {
     /// Vite until it is ready.
     pub fn install_fast_engine(self: &Arc<Self>) {
         let dir = fast_dir(&self.volume());
-        let _ = make_owned_dir(&self.volume(), 0, 0, 0o711);
         if dir.join(DONE).is_file() {
             *self.engines.fast.lock().expect("engines lock") = Some(dir);
             return;
@@ -99,9 +98,6 @@ impl Agent {
         let (uid, gid) = (cfg.sandbox_uid, cfg.sandbox_gid);
         let volume = self.volume();
         let err = |e: std::io::Error| e.to_string();
-        make_owned_dir(&volume, 0, 0, 0o711).map_err(err)?;
-        make_owned_dir(&volume.join("store"), uid, gid, 0o755).map_err(err)?;
-        make_owned_dir(&volume.join("engines"), 0, 0, 0o755).map_err(err)?;
         make_owned_dir(dir, uid, gid, 0o755).map_err(err)?;
         for (name, content) in [("package.json", PACKAGE_JSON), ("pnpm-lock.yaml", LOCKFILE)] {
             std::fs::write(dir.join(name), content).map_err(err)?;
@@ -111,27 +107,14 @@ impl Agent {
         let _ = std::fs::remove_dir_all(&scratch);
         std::fs::create_dir_all(&scratch).map_err(err)?;
         let rel = dir.strip_prefix(&volume).map_err(|e| e.to_string())?;
-        let spec = Spec {
-            cgroup: "engine-fast-install".into(),
-            root: scratch.join("root"),
-            mounts: vec![Mount::Bind {
-                src: volume.clone(),
-                dst: "/kiln".into(),
-                writable: true,
-            }],
-            network: true,
-            uid,
-            gid,
-            cwd: Path::new("/kiln").join(rel),
-            argv: crate::pipeline::pnpm_install_argv(cfg, true),
-            env: crate::pipeline::sandbox_env(cfg, "kiln-engine", "development"),
-            limits: sandbox::Limits {
-                memory_bytes: cfg.memory_bytes,
-                pids: cfg.pids,
-                cpus: cfg.cpus,
-                timeout: cfg.install_timeout,
-            },
-        };
+        let spec = crate::pipeline::install_spec(
+            cfg,
+            rel.to_owned(),
+            true,
+            "engine-fast-install".into(),
+            scratch.join("root"),
+            "kiln-engine",
+        );
         let mut log = Log::create(&cfg.state_dir.join("engine-fast.log"), 1 << 20).map_err(err)?;
         let outcome = {
             let mut output = |b: &[u8]| log.write(b);

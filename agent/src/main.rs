@@ -95,7 +95,7 @@ fn main() -> anyhow::Result<()> {
     match cli.cmd {
         Cmd::SandboxInit { spec } => std::process::exit(agent::sandbox::init_main(&spec)),
         Cmd::Serve(a) => {
-            init_logging();
+            gitstore::logging::init("kiln-agent");
             tokio::runtime::Runtime::new()?.block_on(serve(*a))
         }
     }
@@ -155,7 +155,11 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         listen:% = a.listen, store = store.url(), concurrency = cfg.concurrency,
         memory_mb = cfg.memory_bytes >> 20, cpus = cfg.cpus; "kiln-agent starting"
     );
+    let agent_volume = cfg.volume_dir.clone();
     let agent = agent::Agent::new(cfg, store, exe);
+    agent
+        .prepare_volume()
+        .with_context(|| format!("preparing {}", agent_volume.display()))?;
     agent.recover();
     // Installed even when the default is `project`: a project may pin `fast`.
     agent.install_fast_engine();
@@ -186,26 +190,4 @@ fn sandbox_user(spec: &str) -> anyhow::Result<(u32, u32)> {
         format!("sandbox user {spec:?} does not exist: create it with `useradd --system --no-create-home --shell /usr/sbin/nologin {spec}` or set KILN_SANDBOX_USER=uid:gid")
     })?;
     Ok((user.uid.as_raw(), user.gid.as_raw()))
-}
-
-fn init_logging() {
-    let level = std::env::var("KILN_LOG")
-        .ok()
-        .and_then(|l| l.parse().ok())
-        .unwrap_or(log::LevelFilter::Info);
-    if std::env::var_os("JOURNAL_STREAM").is_some() {
-        if let Ok(j) = systemd_journal_logger::JournalLog::new() {
-            if j.with_syslog_identifier("kiln-agent".into())
-                .install()
-                .is_ok()
-            {
-                log::set_max_level(level);
-                return;
-            }
-        }
-    }
-    env_logger::Builder::new()
-        .filter_level(level)
-        .format_timestamp_millis()
-        .init();
 }

@@ -332,9 +332,6 @@ async fn install_if_needed(
     let (uid, gid) = (cfg.sandbox_uid, cfg.sandbox_gid);
     let volume = agent.volume();
     let setup = |e: std::io::Error| Failure::failed(format!("preparing the install: {e}"));
-    make_owned_dir(&volume, 0, 0, 0o711).map_err(setup)?;
-    make_owned_dir(&volume.join("store"), uid, gid, 0o755).map_err(setup)?;
-    make_owned_dir(&volume.join("nm"), 0, 0, 0o711).map_err(setup)?;
     let record_path = agent.project_dir(project).join("install.json");
     let old: Option<InstallRecord> = std::fs::read(&record_path)
         .ok()
@@ -364,27 +361,18 @@ async fn install_if_needed(
             let _ = std::fs::remove_file(&dst);
         }
     }
-    let argv = pnpm_install_argv(cfg, files.contains_key("pnpm-lock.yaml"));
+    let spec = install_spec(
+        cfg,
+        Path::new("nm").join(&nm_name),
+        files.contains_key("pnpm-lock.yaml"),
+        format!("{project}-{}-install", scratch_id(scratch)),
+        scratch.join("install-root"),
+        project,
+    );
     log.note(&format!(
         "{} (network allowed in this phase only)",
-        argv[1..].join(" ")
+        spec.argv[1..].join(" ")
     ));
-    let spec = Spec {
-        cgroup: format!("{project}-{}-install", scratch_id(scratch)),
-        root: scratch.join("install-root"),
-        mounts: vec![Mount::Bind {
-            src: volume.clone(),
-            dst: "/kiln".into(),
-            writable: true,
-        }],
-        network: true,
-        uid,
-        gid,
-        cwd: PathBuf::from("/kiln/nm").join(&nm_name),
-        argv,
-        env: sandbox_env(cfg, project, "development"),
-        limits: limits(cfg, cfg.install_timeout),
-    };
     run_sandboxed(agent, project, "pnpm install", &spec, cancel, log).await?;
     let rec = InstallRecord { key, nm: nm_name };
     crate::fsutil::write_atomic(&record_path, &serde_json::to_vec(&rec).expect("serializes"))
@@ -395,28 +383,51 @@ async fn install_if_needed(
     Ok(nm)
 }
 
-/// `pnpm install` as every install runs it: from the shared store, without dependency lifecycle
-/// scripts or `.pnpmfile.cjs` (no project code runs while the store is writable).
-pub(crate) fn pnpm_install_argv(cfg: &crate::config::Config, frozen: bool) -> Vec<String> {
-    let mut argv = vec![
-        cfg.pnpm.display().to_string(),
-        "install".into(),
-        "--store-dir=/kiln/store".into(),
-        "--ignore-scripts".into(),
-        "--ignore-pnpmfile".into(),
-        "--reporter=append-only".into(),
-        "--config.confirmModulesPurge=false".into(),
-        "--prefer-offline".into(),
-    ];
-    argv.push(
-        if frozen {
-            "--frozen-lockfile"
-        } else {
-            "--no-frozen-lockfile"
-        }
-        .into(),
-    );
-    argv
+/// `pnpm install` as every install runs it, in `dir` (relative to the volume): from the shared
+/// store, with network, without dependency lifecycle scripts or `.pnpmfile.cjs` (no project code
+/// runs while the store is writable).
+pub(crate) fn install_spec(
+    cfg: &crate::config::Config,
+    dir: PathBuf,
+    frozen: bool,
+    cgroup: String,
+    root: PathBuf,
+    project: &str,
+) -> Spec {
+    let lockfile = if frozen {
+        "--frozen-lockfile"
+    } else {
+        "--no-frozen-lockfile"
+    };
+    let argv = [
+        &cfg.pnpm.display().to_string(),
+        "install",
+        "--store-dir=/kiln/store",
+        "--ignore-scripts",
+        "--ignore-pnpmfile",
+        "--reporter=append-only",
+        "--config.confirmModulesPurge=false",
+        "--prefer-offline",
+        lockfile,
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    Spec {
+        cgroup,
+        root,
+        mounts: vec![Mount::Bind {
+            src: cfg.volume_dir.clone(),
+            dst: "/kiln".into(),
+            writable: true,
+        }],
+        network: true,
+        uid: cfg.sandbox_uid,
+        gid: cfg.sandbox_gid,
+        cwd: Path::new("/kiln").join(dir),
+        argv,
+        env: sandbox_env(cfg, project, "development"),
+        limits: limits(cfg, cfg.install_timeout),
+    }
 }
 
 fn scratch_id(scratch: &Path) -> String {
@@ -601,7 +612,7 @@ fn has_build_script(package_json: &Path) -> bool {
         .is_some_and(|v| v["scripts"]["build"].is_string())
 }
 
-pub(crate) fn sandbox_env(
+fn sandbox_env(
     cfg: &crate::config::Config,
     project: &str,
     node_env: &str,

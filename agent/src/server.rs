@@ -148,12 +148,17 @@ impl App {
         }
     }
 
-    fn known(&self, project: &ProjectId) -> ApiResult<()> {
-        if self.agent.is_known(project.as_str()) {
-            Ok(())
-        } else {
-            Err(ApiError::not_found(project.as_str()))
-        }
+    /// The project named by a path segment, once the caller may act on it.
+    async fn authorized(&self, headers: &HeaderMap, raw: &str) -> ApiResult<ProjectId> {
+        let project = project_id(raw)?;
+        self.authorize(headers, &project).await?;
+        Ok(project)
+    }
+
+    fn status(&self, project: &ProjectId) -> ApiResult<crate::status::Status> {
+        self.agent
+            .status(project.as_str())
+            .ok_or_else(|| ApiError::not_found(project.as_str()))
     }
 }
 
@@ -249,8 +254,7 @@ async fn rebuild(
     Path(raw): Path<String>,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
-    let project = project_id(&raw)?;
-    app.authorize(&headers, &project).await?;
+    let project = app.authorized(&headers, &raw).await?;
     let (Requested::Queued(build) | Requested::AlreadyBuilt(build)) =
         app.agent.request(&project, None, Request { force: true });
     Ok((
@@ -265,9 +269,8 @@ async fn cancel(
     Path(raw): Path<String>,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
-    let project = project_id(&raw)?;
-    app.authorize(&headers, &project).await?;
-    app.known(&project)?;
+    let project = app.authorized(&headers, &raw).await?;
+    app.status(&project)?;
     let ids = app.agent.cancel(project.as_str());
     Ok(Json(serde_json::json!({"cancelled": ids})).into_response())
 }
@@ -277,12 +280,8 @@ async fn status(
     Path(raw): Path<String>,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
-    let project = project_id(&raw)?;
-    app.authorize(&headers, &project).await?;
-    let st = app
-        .agent
-        .status(project.as_str())
-        .ok_or_else(|| ApiError::not_found(project.as_str()))?;
+    let project = app.authorized(&headers, &raw).await?;
+    let st = app.status(&project)?;
     let mut v = serde_json::to_value(&st).expect("serializes");
     // The history of earlier builds would make "ready" or "failed" appear in a status about a
     // build that is neither; it belongs to the versions API.
@@ -306,12 +305,8 @@ async fn logs(
     Query(q): Query<LogQuery>,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
-    let project = project_id(&raw)?;
-    app.authorize(&headers, &project).await?;
-    let st = app
-        .agent
-        .status(project.as_str())
-        .ok_or_else(|| ApiError::not_found(project.as_str()))?;
+    let project = app.authorized(&headers, &raw).await?;
+    let st = app.status(&project)?;
     let build = q.build.unwrap_or(st.build);
     let path = app.agent.log_path(project.as_str(), build);
     let follow = matches!(q.follow.as_deref(), Some("1" | "true" | "yes"));

@@ -13,6 +13,7 @@ pub mod auth;
 pub mod blob;
 pub mod compact;
 mod git;
+pub mod logging;
 pub mod manifest;
 mod metrics;
 pub mod path_policy;

@@ -108,7 +108,7 @@ fn main() -> anyhow::Result<()> {
         anyhow::ensure!(name == "pre-receive", "unknown hook {name}");
         std::process::exit(gitstore::receive::pre_receive_main());
     }
-    init_logging();
+    gitstore::logging::init("kiln-gitstore");
     let rt = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
     rt.block_on(run(cli.command))
 }
@@ -206,27 +206,4 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Hook { .. } => unreachable!("handled before logging starts"),
     }
     Ok(())
-}
-
-/// journald when running under systemd (it sets JOURNAL_STREAM), stderr otherwise.
-fn init_logging() {
-    let level = std::env::var("KILN_LOG")
-        .ok()
-        .and_then(|l| l.parse().ok())
-        .unwrap_or(log::LevelFilter::Info);
-    if std::env::var_os("JOURNAL_STREAM").is_some() {
-        if let Ok(j) = systemd_journal_logger::JournalLog::new() {
-            if j.with_syslog_identifier("kiln-gitstore".into())
-                .install()
-                .is_ok()
-            {
-                log::set_max_level(level);
-                return;
-            }
-        }
-    }
-    env_logger::Builder::new()
-        .filter_level(level)
-        .format_timestamp_millis()
-        .init();
 }
