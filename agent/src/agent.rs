@@ -3,7 +3,9 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use gitstore::{BlobStore, ProjectId};
 use tokio::sync::{watch, Semaphore};
@@ -43,6 +45,8 @@ pub struct Agent {
     permits: Arc<Semaphore>,
     /// Bumped whenever any status changes, so log followers and waiters wake.
     changed: watch::Sender<u64>,
+    /// Set by [`Agent::shutdown`]: no new build starts.
+    stopping: AtomicBool,
 }
 
 /// What [`Agent::request`] did.
@@ -65,6 +69,7 @@ impl Agent {
             slots: Mutex::new(HashMap::new()),
             permits,
             changed: watch::channel(0).0,
+            stopping: AtomicBool::new(false),
         })
     }
 
@@ -191,6 +196,12 @@ impl Agent {
     }
 
     fn start(self: &Arc<Self>, project: &str, s: &mut Slot, build: u64, req: Request) {
+        if self.stopping.load(Ordering::SeqCst) {
+            // Left queued on disk: the next start builds it (see `recover`).
+            s.status.begin(build);
+            self.persist(project, &s.status);
+            return;
+        }
         let cancel = CancellationToken::new();
         s.running = Some(Running {
             build,
@@ -198,6 +209,7 @@ impl Agent {
         });
         s.status.begin(build);
         self.persist(project, &s.status);
+        self.write_status_page(project, &s.status);
         let agent = self.clone();
         let project = project.to_owned();
         tokio::spawn(async move {
@@ -231,11 +243,18 @@ impl Agent {
                 self.update(&project, |st| {
                     st.finish(State::Cancelled, Some("cancelled while queued".into()))
                 });
+                self.show_status_page(&project);
             }
             drop(permit);
             let slot = self.slot_or_new(&project);
             let mut s = slot.lock().expect("slot lock");
             match s.pending.take() {
+                Some((next, _)) if self.stopping.load(Ordering::SeqCst) => {
+                    s.status.begin(next);
+                    self.persist(&project, &s.status);
+                    s.running = None;
+                    return;
+                }
                 Some((next, next_req)) => {
                     cancel = CancellationToken::new();
                     s.running = Some(Running {
@@ -244,6 +263,7 @@ impl Agent {
                     });
                     s.status.begin(next);
                     self.persist(&project, &s.status);
+                    self.write_status_page(&project, &s.status);
                     (build, req) = (next, next_req);
                 }
                 None => {
@@ -269,6 +289,93 @@ impl Agent {
             ids.push(r.build);
         }
         ids
+    }
+
+    /// Projects with a build running now.
+    fn running(&self) -> Vec<String> {
+        let slots: Vec<_> = {
+            let slots = self.slots.lock().expect("slots lock");
+            slots.iter().map(|(p, s)| (p.clone(), s.clone())).collect()
+        };
+        slots
+            .into_iter()
+            .filter(|(_, s)| s.lock().expect("slot lock").running.is_some())
+            .map(|(p, _)| p)
+            .collect()
+    }
+
+    /// Stops for a restart: starts no new build, gives running builds `grace` to finish, then
+    /// cancels the rest and leaves them queued on disk, so the next start builds them again.
+    pub async fn shutdown(&self, grace: Duration) {
+        self.stopping.store(true, Ordering::SeqCst);
+        let mut changed = self.subscribe();
+        let deadline = tokio::time::Instant::now() + grace;
+        loop {
+            let running = self.running();
+            if running.is_empty() {
+                return;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                log::warn!(builds = running.len(); "stopping: cancelling builds that did not finish; they run again at the next start");
+                for p in &running {
+                    self.cancel(p);
+                }
+                // Cancelled sandboxes are killed at once; this wait is for their clean-up.
+                let until = tokio::time::Instant::now() + Duration::from_secs(10);
+                while !self.running().is_empty() && tokio::time::Instant::now() < until {
+                    let _ = tokio::time::timeout_at(until, changed.changed()).await;
+                }
+                for p in &running {
+                    self.update(p, |s| {
+                        s.state = State::Queued;
+                        s.error = Some("interrupted by an agent shutdown; queued again".into());
+                    });
+                }
+                return;
+            }
+            log::info!(builds = running.len(); "stopping: waiting for running builds");
+            let _ = tokio::time::timeout_at(deadline, changed.changed()).await;
+        }
+    }
+
+    /// Builds every project in the blob store that this machine has not built at its newest
+    /// version: after a restart that missed webhooks, or on a fresh machine whose disk was lost
+    /// (the disk is only a cache; the store is the truth).
+    pub async fn reconcile(self: &Arc<Self>) -> Result<usize, gitstore::blob::StoreError> {
+        let mut queued = 0;
+        for id in self.store.projects().await? {
+            let p = id.as_str();
+            let newest = match gitstore::manifest::newest_generation(&self.store, &id, 0).await {
+                Ok(Some(g)) => g,
+                // Created but never pushed: nothing to build.
+                Ok(None) => continue,
+                Err(e) => {
+                    log::warn!(project = p, error:% = e; "cannot read the project's manifests; skipped");
+                    continue;
+                }
+            };
+            let repo = self.project_dir(p).join("repo.git");
+            let behind = gitstore::sync::synced_generation(&repo) < newest;
+            let status = self.status(p);
+            let lost = match &status {
+                None => true,
+                Some(s) => {
+                    s.last_good.is_some()
+                        && crate::publish::current(&crate::publish::project_dir(
+                            &self.cfg.publish_dir,
+                            p,
+                        ))
+                        .is_none()
+                }
+            };
+            let busy = status.is_some_and(|s| s.state.is_active());
+            if (behind || lost) && !busy {
+                log::info!(project = p, behind, lost; "reconciling with the blob store");
+                self.request(&id, None, Request::default());
+                queued += 1;
+            }
+        }
+        Ok(queued)
     }
 
     /// Builds waiting for a machine-wide slot.
@@ -305,6 +412,28 @@ impl Agent {
                 });
                 self.request(&id, None, Request { force: true });
             }
+        }
+    }
+
+    /// Shows (or removes) the page the preview URL serves in place of the app, from the
+    /// project's current status.
+    pub(crate) fn show_status_page(&self, project: &str) {
+        if let Some(st) = self.status(project) {
+            self.write_status_page(project, &st);
+        }
+    }
+
+    fn write_status_page(&self, project: &str, status: &Status) {
+        let dir = crate::publish::project_dir(&self.cfg.publish_dir, project);
+        let page = crate::preview::status_page(
+            status,
+            crate::publish::current(&dir).is_some(),
+            dir.join(crate::preview::STATUS_PAGE).exists(),
+            &self.cfg.generator_origins,
+            self.cfg.log_url_for(project, status.build).as_deref(),
+        );
+        if let Err(e) = crate::preview::set_status_page(&dir, page.as_deref()) {
+            log::error!(project, error:% = e; "cannot write the preview's status page");
         }
     }
 

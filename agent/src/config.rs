@@ -15,6 +15,9 @@ pub struct Config {
     /// Base of preview URLs, e.g. `https://preview.example.com`; `{project}` in it is replaced
     /// by the project id (one origin per project), otherwise `/<project>/` is appended.
     pub preview_url: String,
+    /// Origins of the app generator that frame previews: where the console script posts.
+    /// Empty means any origin (`*`).
+    pub generator_origins: Vec<String>,
     pub webhook_secret: Vec<u8>,
     /// SHA-256 of the admin token, which may read every project's status and logs.
     pub admin_token_sha256: Option<String>,
@@ -86,14 +89,55 @@ impl Config {
         }
     }
 
-    /// The path the app is served under, which Vite's `base` must match.
+    /// The path the app is served under, which Vite's `base` must match: `/` in origin mode,
+    /// else the preview URL's own path plus `/<project>/`.
     pub fn base_path_for(&self, project: &str) -> String {
         if self.preview_url.contains("{project}") {
-            "/".to_owned()
-        } else {
-            format!("/{project}/")
+            return "/".to_owned();
         }
+        let path = url_path(&self.preview_url).trim_end_matches('/');
+        format!("{path}/{project}/")
     }
+}
+
+impl Config {
+    /// Where a build's log can be read, when previews share the API's host (path mode).
+    pub fn log_url_for(&self, project: &str, build: u64) -> Option<String> {
+        if self.preview_url.contains("{project}") {
+            return None;
+        }
+        let (scheme, rest) = self.preview_url.split_once("://")?;
+        if !matches!(scheme, "http" | "https") {
+            return None;
+        }
+        let host = rest.split('/').next()?;
+        Some(format!("{scheme}://{host}/logs/{project}?build={build}"))
+    }
+}
+
+/// The path of an absolute URL (`http://h:1/a/b` → `/a/b`), or the string itself if it has no
+/// scheme.
+fn url_path(url: &str) -> &str {
+    match url.split_once("://") {
+        Some((_, rest)) => rest.find('/').map_or("", |i| &rest[i..]),
+        None => url,
+    }
+}
+
+/// Checks a generator origin: `scheme://host[:port]` with nothing after, as browsers compare it.
+pub fn parse_origin(s: &str) -> Result<String, String> {
+    let bad = || {
+        format!("{s:?} is not an origin: write scheme://host[:port] with no path, e.g. https://app.example.com")
+    };
+    let (scheme, rest) = s.split_once("://").ok_or_else(bad)?;
+    let host_ok = !rest.is_empty()
+        && rest
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b));
+    if !matches!(scheme, "http" | "https") || !host_ok {
+        return Err(bad());
+    }
+    Ok(s.to_ascii_lowercase())
 }
 
 /// Which Vite builds a project.
@@ -122,6 +166,65 @@ impl std::str::FromStr for Engine {
             "fast" => Ok(Engine::Fast),
             "project" => Ok(Engine::Project),
             _ => Err(format!("unknown engine {s:?}: use fast or project")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_url(preview_url: &str) -> String {
+        let cfg = Config {
+            preview_url: preview_url.into(),
+            generator_origins: Vec::new(),
+            state_dir: "/s".into(),
+            volume_dir: "/v".into(),
+            publish_dir: "/w".into(),
+            webhook_secret: Vec::new(),
+            admin_token_sha256: None,
+            sandbox_uid: 1,
+            sandbox_gid: 1,
+            memory_bytes: 1,
+            pids: 1,
+            cpus: 1.0,
+            install_timeout: Duration::ZERO,
+            build_timeout: Duration::ZERO,
+            concurrency: 1,
+            keep_builds: 1,
+            log_limit_bytes: 1,
+            max_output_bytes: 1,
+            pnpm: "/usr/bin/pnpm".into(),
+            node: "/usr/bin/node".into(),
+            engine: Engine::Fast,
+        };
+        cfg.base_path_for("shop")
+    }
+
+    #[test]
+    fn base_path_follows_the_preview_urls_path() {
+        assert_eq!(with_url("http://127.0.0.1:8080/preview"), "/preview/shop/");
+        assert_eq!(with_url("http://127.0.0.1:8080/preview/"), "/preview/shop/");
+        assert_eq!(with_url("http://127.0.0.1:8080"), "/shop/");
+        assert_eq!(with_url("https://{project}.preview.example.com"), "/");
+        assert_eq!(with_url("file:///srv/www"), "/srv/www/shop/");
+    }
+
+    #[test]
+    fn rejects_origins_with_paths_or_odd_schemes() {
+        assert_eq!(
+            parse_origin("https://App.example.com:8443").unwrap(),
+            "https://app.example.com:8443"
+        );
+        for bad in [
+            "https://a.com/",
+            "https://a.com/x",
+            "ftp://a.com",
+            "a.com",
+            "https://",
+            "https://a b",
+        ] {
+            assert!(parse_origin(bad).is_err(), "{bad}");
         }
     }
 }

@@ -12,6 +12,7 @@ mod engine;
 mod fsutil;
 mod metrics;
 mod pipeline;
+pub mod preview;
 pub mod publish;
 pub mod sandbox;
 pub mod server;

@@ -49,9 +49,14 @@ struct ServeArgs {
     #[arg(
         long,
         env = "KILN_PREVIEW_URL",
-        default_value = "http://127.0.0.1:8080"
+        default_value = "http://127.0.0.1:8080/preview"
     )]
     preview_url: String,
+    /// Origins of the app generator allowed to frame previews, space-separated
+    /// (e.g. `https://app.example.com`): the previews' console messages are posted only to them.
+    /// Unset: any origin.
+    #[arg(long, env = "KILN_GENERATOR_ORIGINS", default_value = "")]
+    generator_origins: String,
     /// Shared secret of the sync webhook (at least 16 characters).
     #[arg(long, env = "KILN_WEBHOOK_SECRET", hide_env_values = true)]
     webhook_secret: String,
@@ -124,6 +129,12 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         state_dir: a.state_dir,
         publish_dir: a.publish_dir,
         preview_url: a.preview_url,
+        generator_origins: a
+            .generator_origins
+            .split_whitespace()
+            .map(agent::config::parse_origin)
+            .collect::<Result<_, _>>()
+            .map_err(|e| anyhow::anyhow!("KILN_GENERATOR_ORIGINS: {e}"))?,
         webhook_secret: a.webhook_secret.into_bytes(),
         admin_token_sha256: a.admin_token_sha256.map(|h| h.to_ascii_lowercase()),
         sandbox_uid: uid,
@@ -161,6 +172,16 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         .prepare_volume()
         .with_context(|| format!("preparing {}", agent_volume.display()))?;
     agent.recover();
+    // The disk is only a cache: catch up with pushes made while this machine was away.
+    tokio::spawn({
+        let agent = agent.clone();
+        async move {
+            match agent.reconcile().await {
+                Ok(n) => log::info!(queued = n; "reconciled with the blob store"),
+                Err(e) => log::error!(error:% = e; "cannot list projects in the blob store"),
+            }
+        }
+    });
     // Installed even when the default is `project`: a project may pin `fast`.
     agent.install_fast_engine();
     let listener = tokio::net::TcpListener::bind(a.listen)

@@ -72,6 +72,7 @@ pub(crate) async fn run(
         Ok(()) => {
             log.note(&format!("ready in {secs:.2}s"));
             agent.update(project, |s| s.finish(State::Ready, None));
+            agent.show_status_page(project);
             agent.metrics.outcome(State::Ready);
             log::info!(project, build, secs; "build ready");
         }
@@ -86,6 +87,7 @@ pub(crate) async fn run(
             };
             log.note(&format!("{}: {}", f.state.as_str(), f.message));
             agent.update(project, |s| s.finish(f.state, Some(f.message.clone())));
+            agent.show_status_page(project);
             agent.metrics.outcome(f.state);
             log::warn!(project, build, state = f.state.as_str(), error = f.message; "build did not succeed");
         }
@@ -199,10 +201,16 @@ async fn steps(
     let t = Instant::now();
     let max = agent.cfg.max_output_bytes;
     let (pd, o) = (publish_dir.clone(), out.clone());
+    let head = crate::preview::console_script(&agent.cfg.generator_origins, project, build);
     let published = tokio::task::spawn_blocking(move || {
-        publish::publish(&o, &pd, build, max, &|rel| {
-            rel == "node_modules" || rel.starts_with(".kiln-tmp")
-        })
+        publish::publish(
+            &o,
+            &pd,
+            build,
+            max,
+            &|rel| rel == "node_modules" || rel.starts_with(".kiln-tmp"),
+            &head,
+        )
     })
     .await
     .expect("publish task")

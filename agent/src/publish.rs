@@ -44,13 +44,15 @@ pub fn project_dir(root: &Path, project: &str) -> PathBuf {
 }
 
 /// Copies `out` into `<project_dir>/builds/<build>`, compresses text assets beside them, and makes
-/// it `current`. A crash before the final rename leaves the previous build current.
+/// it `current`. `head` (when not empty) is inserted at the top of every HTML page: the console
+/// script. A crash before the final rename leaves the previous build current.
 pub fn publish(
     out: &Path,
     project_dir: &Path,
     build: u64,
     max_bytes: u64,
     skip: &dyn Fn(&str) -> bool,
+    head: &str,
 ) -> Result<Published, PublishError> {
     if !out.join("index.html").is_file() {
         return Err(PublishError::NoIndex);
@@ -66,7 +68,12 @@ pub fn publish(
         std::fs::remove_dir_all(&staging).map_err(io(&staging))?;
     }
     let mut report = Published::default();
-    copy_tree(out, &staging, "", max_bytes, skip, &mut report)?;
+    let copy = Copy {
+        max_bytes,
+        skip,
+        head,
+    };
+    copy.tree(out, &staging, "", &mut report)?;
     std::fs::rename(&staging, &dest).map_err(io(&dest))?;
     switch_current(project_dir, build)?;
     Ok(report)
@@ -129,53 +136,69 @@ const COMPRESSIBLE: &[&str] = &[
     "webmanifest",
 ];
 
-fn copy_tree(
-    src: &Path,
-    dst: &Path,
-    rel: &str,
+struct Copy<'a> {
     max_bytes: u64,
-    skip: &dyn Fn(&str) -> bool,
-    report: &mut Published,
-) -> Result<(), PublishError> {
-    std::fs::create_dir(dst).map_err(io(dst))?;
-    let mut entries: Vec<_> = std::fs::read_dir(src)
-        .map_err(io(src))?
-        .collect::<Result<_, _>>()
-        .map_err(io(src))?;
-    entries.sort_by_key(|e| e.file_name());
-    for e in entries {
-        let name = e.file_name();
-        let name_str = name.to_string_lossy().into_owned();
-        let child_rel = if rel.is_empty() {
-            name_str.clone()
-        } else {
-            format!("{rel}/{name_str}")
-        };
-        if skip(&child_rel) {
-            continue;
-        }
-        let ft = e.file_type().map_err(io(&e.path()))?;
-        let from = e.path();
-        let to = dst.join(&name);
-        if ft.is_dir() {
-            copy_tree(&from, &to, &child_rel, max_bytes, skip, report)?;
-        } else if ft.is_file() {
-            let bytes = std::fs::copy(&from, &to).map_err(io(&to))?;
-            report.files += 1;
-            report.bytes += bytes;
-            if report.bytes > max_bytes {
-                return Err(PublishError::TooLarge { limit: max_bytes });
+    skip: &'a dyn Fn(&str) -> bool,
+    head: &'a str,
+}
+
+impl Copy<'_> {
+    fn tree(
+        &self,
+        src: &Path,
+        dst: &Path,
+        rel: &str,
+        report: &mut Published,
+    ) -> Result<(), PublishError> {
+        std::fs::create_dir(dst).map_err(io(dst))?;
+        let mut entries: Vec<_> = std::fs::read_dir(src)
+            .map_err(io(src))?
+            .collect::<Result<_, _>>()
+            .map_err(io(src))?;
+        entries.sort_by_key(|e| e.file_name());
+        for e in entries {
+            let name = e.file_name();
+            let name_str = name.to_string_lossy().into_owned();
+            let child_rel = if rel.is_empty() {
+                name_str.clone()
+            } else {
+                format!("{rel}/{name_str}")
+            };
+            if (self.skip)(&child_rel) {
+                continue;
             }
-            let ext = Path::new(&name).extension().and_then(|x| x.to_str());
-            if bytes >= 256 && ext.is_some_and(|x| COMPRESSIBLE.contains(&x)) {
-                gzip_beside(&to)?;
-                report.compressed += 1;
+            let ft = e.file_type().map_err(io(&e.path()))?;
+            let from = e.path();
+            let to = dst.join(&name);
+            if ft.is_dir() {
+                self.tree(&from, &to, &child_rel, report)?;
+            } else if ft.is_file() {
+                let ext = Path::new(&name).extension().and_then(|x| x.to_str());
+                let bytes = if ext == Some("html") && !self.head.is_empty() {
+                    let html = std::fs::read(&from).map_err(io(&from))?;
+                    let html = crate::preview::inject(&String::from_utf8_lossy(&html), self.head);
+                    std::fs::write(&to, &html).map_err(io(&to))?;
+                    html.len() as u64
+                } else {
+                    std::fs::copy(&from, &to).map_err(io(&to))?
+                };
+                report.files += 1;
+                report.bytes += bytes;
+                if report.bytes > self.max_bytes {
+                    return Err(PublishError::TooLarge {
+                        limit: self.max_bytes,
+                    });
+                }
+                if bytes >= 256 && ext.is_some_and(|x| COMPRESSIBLE.contains(&x)) {
+                    gzip_beside(&to)?;
+                    report.compressed += 1;
+                }
+            } else {
+                report.skipped.push(child_rel);
             }
-        } else {
-            report.skipped.push(child_rel);
         }
+        Ok(())
     }
-    Ok(())
 }
 
 /// Writes `<file>.gz` for nginx's `gzip_static`, with the same mtime so it is served for it.

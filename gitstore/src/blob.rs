@@ -193,6 +193,23 @@ impl BlobStore {
             .collect())
     }
 
+    /// Every project with anything stored: the ids under `projects/`, sorted.
+    pub async fn projects(&self) -> Result<Vec<ProjectId>, StoreError> {
+        let prefix = Path::from("projects");
+        let listing = self
+            .inner
+            .list_with_delimiter(Some(&prefix))
+            .await
+            .map_err(|e| backend("list", &prefix, e))?;
+        let mut ids: Vec<ProjectId> = listing
+            .common_prefixes
+            .iter()
+            .filter_map(|p| ProjectId::parse(p.filename()?).ok())
+            .collect();
+        ids.sort();
+        Ok(ids)
+    }
+
     /// A cheap round trip, for health checks.
     pub async fn ping(&self) -> Result<(), StoreError> {
         let key = Path::from("health");

@@ -111,6 +111,14 @@ pub async fn sync_repo(
     Ok(report)
 }
 
+/// The store generation the repository at `repo` was last synced to (0 if never).
+pub fn synced_generation(repo: &Path) -> u64 {
+    std::fs::read(repo.join(STATE_FILE))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<LocalState>(&b).ok())
+        .map_or(0, |s| s.generation)
+}
+
 /// Sets the repository's refs and HEAD to the manifest's, in one `update-ref` transaction.
 async fn apply_refs(repo: &Path, m: &Manifest) -> Result<usize, SyncError> {
     let local: BTreeMap<String, String> = git::refs(repo).await?.into_iter().collect();

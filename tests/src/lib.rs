@@ -1154,13 +1154,16 @@ fn spawn_agent(dir: &Path, port: u16, args: &[String]) -> Child {
         .arg(shared_volume())
         .args(["--webhook-secret", WEBHOOK_SECRET])
         .args(["--sandbox-user", SANDBOX_USER])
-        .args(["--preview-url", "http://127.0.0.1:9/"])
         .args(args)
         .env("KILN_LOG", "info")
         .stdin(Stdio::null())
         .stdout(log.try_clone().expect("log file"))
         .stderr(log)
         .process_group(0);
+    if !args.iter().any(|a| a == "--preview-url") {
+        // Nothing serves previews unless a test starts nginx and says where.
+        cmd.args(["--preview-url", "http://127.0.0.1:9/"]);
+    }
     cmd.spawn().expect("starting kiln-agent")
 }
 

@@ -102,8 +102,29 @@ fn a_broken_change_fails_with_the_compilers_error_and_keeps_the_last_good_build(
     );
     assert!(
         js_bundle(&stack, "broken").contains("first text"),
-        "the previous preview stays served"
+        "the previous build stays published"
     );
+    // The preview URL says the build failed, with the compiler's message, instead of silently
+    // showing the old app.
+    let page_path = stack.publish_dir().join("broken/status.html");
+    let page =
+        std::fs::read_to_string(&page_path).expect("a failure page while the build is broken");
+    assert!(page.contains("The last build failed"), "{page}");
+    assert!(page.contains("text.ts"), "the page names the file: {page}");
+    assert!(
+        page.contains("http-equiv=\"refresh\""),
+        "the page refreshes itself: {page}"
+    );
+
+    app.commit_file("src/text.ts", "export const TEXT: string = 'fixed text'\n");
+    stack.push(&app, "broken");
+    let st = stack.wait_settled("broken", &app.head(), WARM);
+    assert_eq!(st["state"], "ready", "{st:#}");
+    assert!(
+        !page_path.exists(),
+        "the failure page is gone once a build is ready"
+    );
+    assert!(js_bundle(&stack, "broken").contains("fixed text"));
 }
 
 #[test]
