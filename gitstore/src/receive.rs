@@ -71,6 +71,11 @@ pub struct PushResult {
     pub pack_bytes: u64,
     /// Packs the project's manifest lists after this push.
     pub packs: usize,
+    /// The generation this push's manifest was built on, when it is exactly the local repository
+    /// plus this push (no concurrent push was folded in, HEAD unchanged): the server may then
+    /// record the repository as synced to `generation` without reading the store again.
+    #[serde(default)]
+    pub built_on: Option<u64>,
 }
 
 /// Paths come from the pusher's tree; a raw escape sequence in a refusal would reach their
@@ -223,13 +228,21 @@ async fn accept(ctx: &HookContext, updates: Vec<RefUpdate>) -> Result<PushResult
     let store = BlobStore::open(&ctx.store_url).map_err(PushError::Store)?;
     let project = &ctx.project;
     let mut base = manifest::latest(&store, project).await?;
+    let first_base = base.generation;
     for u in &updates {
         check_not_stale(&base, u)?;
     }
     if let Some((entry, pack_path, idx_path)) = &pack {
         if base.pack(&entry.name).is_none() {
-            upload(&store, &keys::pack(project, &entry.name, "pack"), pack_path).await?;
-            upload(&store, &keys::pack(project, &entry.name, "idx"), idx_path).await?;
+            let (pack_key, idx_key) = (
+                keys::pack(project, &entry.name, "pack"),
+                keys::pack(project, &entry.name, "idx"),
+            );
+            // Both are stored before the manifest that names them is published.
+            futures::try_join!(
+                upload(&store, &pack_key, pack_path),
+                upload(&store, &idx_key, idx_path),
+            )?;
         }
     }
     if let Some(fault) = ctx
@@ -255,7 +268,8 @@ async fn accept(ctx: &HookContext, updates: Vec<RefUpdate>) -> Result<PushResult
                 next.packs.push(entry.clone());
             }
         }
-        if next.head.is_none() {
+        let head_set = next.head.is_none();
+        if head_set {
             next.head = default_head(&next.refs);
         }
         match manifest::publish(&store, project, &next).await? {
@@ -265,6 +279,8 @@ async fn accept(ctx: &HookContext, updates: Vec<RefUpdate>) -> Result<PushResult
                     updates,
                     pack_bytes: pack.as_ref().map_or(0, |(e, _, _)| e.pack_size),
                     packs: next.packs.len(),
+                    built_on: (base.generation == first_base && !head_set)
+                        .then_some(base.generation),
                 })
             }
             Publish::Lost => {
@@ -438,27 +454,13 @@ fn check_new_history(
             .ok_or(PushError::NotACommit { name: name.clone() })??;
         commits.push(commit);
     }
-    // The commits no existing ref reaches: everything older was checked when it was pushed.
-    let mut args = vec!["rev-list".to_owned()];
-    args.extend(commits.iter().map(|c| c.to_string()));
-    args.extend(["--not".to_owned(), "--all".to_owned()]);
-    let out = std::process::Command::new("git")
-        .args(&args)
-        .output()
-        .map_err(|e| PushError::Internal(format!("git rev-list: {e}")))?;
-    if !out.status.success() {
-        return Err(PushError::Internal(format!(
-            "git rev-list: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        )));
-    }
+    let new = new_commits(&objects, &commits, &mut buf)?;
     let mut checker = TreeChecker {
         objects: &objects,
         limits,
         seen: HashSet::new(),
     };
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let id = parse_id(line)?;
+    for id in new {
         let data = objects.find(&id, &mut buf)?;
         let commit = gix::objs::CommitRef::from_bytes(data.data, gix::hash::Kind::Sha1)
             .map_err(|e| malformed(&id, e))?;
@@ -486,6 +488,43 @@ fn malformed(id: &gix::hash::oid, e: impl std::fmt::Display) -> PushError {
         id: id.to_string(),
         detail: e.to_string(),
     }
+}
+
+/// The commits this push brought: those reachable from `tips` that are only in the quarantine.
+/// Everything in the repository's own object database arrived in an accepted push (or a sync of
+/// one) and was checked then, so the walk stops there; this is `rev-list <tips> --not --all`
+/// without a process.
+fn new_commits(
+    objects: &Objects,
+    tips: &[gix::ObjectId],
+    buf: &mut Vec<u8>,
+) -> Result<Vec<gix::ObjectId>, PushError> {
+    let Some(quarantine) = &objects.quarantine else {
+        return Ok(Vec::new());
+    };
+    let mut seen = HashSet::new();
+    let mut todo = tips.to_vec();
+    let mut out = Vec::new();
+    while let Some(id) = todo.pop() {
+        if !seen.insert(id) {
+            continue;
+        }
+        let data = match quarantine
+            .try_find(&id, buf)
+            .map_err(|e| PushError::Internal(e.to_string()))?
+        {
+            Some(d) => d,
+            None => continue,
+        };
+        if data.kind != gix::objs::Kind::Commit {
+            return Err(malformed(&id, "a parent is not a commit"));
+        }
+        let commit = gix::objs::CommitRef::from_bytes(data.data, gix::hash::Kind::Sha1)
+            .map_err(|e| malformed(&id, e))?;
+        todo.extend(commit.parents());
+        out.push(id);
+    }
+    Ok(out)
 }
 
 /// Follows annotated tags down to a commit; None when the tip is a tree or blob.

@@ -728,6 +728,15 @@ async fn receive_pack(
         .and_then(|b| serde_json::from_slice::<PushResult>(&b).ok())
     {
         Some(result) => {
+            if let Some(from) = result.built_on {
+                // The repository already holds exactly this generation: skip the next sync's
+                // manifest read and ref update.
+                if let Err(e) =
+                    sync::mark_synced(&app.repo_dir(&project), from, result.generation)
+                {
+                    log::warn!(project:% = project; "cannot record the sync state: {e}");
+                }
+            }
             if result.packs >= app.0.cfg.compact.min_packs {
                 app.spawn_compaction(&project);
             }

@@ -119,6 +119,22 @@ pub fn synced_generation(repo: &Path) -> u64 {
         .map_or(0, |s| s.generation)
 }
 
+/// Records that the repository at `repo` now matches `generation`, when the caller knows it does
+/// (it just made that generation from this repository): the next sync then reads nothing more.
+pub fn mark_synced(repo: &Path, from: u64, generation: u64) -> Result<bool, SyncError> {
+    let state_path = repo.join(STATE_FILE);
+    let mut state: LocalState = std::fs::read(&state_path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
+    if state.generation != from {
+        return Ok(false);
+    }
+    state.generation = generation;
+    write_atomic(&state_path, &serde_json::to_vec(&state).expect("serializes"))?;
+    Ok(true)
+}
+
 /// Sets the repository's refs and HEAD to the manifest's, in one `update-ref` transaction.
 async fn apply_refs(repo: &Path, m: &Manifest) -> Result<usize, SyncError> {
     let local: BTreeMap<String, String> = git::refs(repo).await?.into_iter().collect();
