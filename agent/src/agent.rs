@@ -1,5 +1,7 @@
 //! The build queue: one build per project at a time, syncs that arrive meanwhile collapsed into
-//! one follow-up build of the newest commit, and a bounded number of builds machine-wide.
+//! one follow-up build of the newest commit, and a bounded number of builds machine-wide; and
+//! rollbacks, which switch the served build at once when it is still on disk and queue a build of
+//! the old commit when it is not.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -13,13 +15,32 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::status::{State, Status};
+use crate::publish::{self, PublishError};
+use crate::status::{LastGood, Rollback, State, Status};
+use crate::versions::RepoError;
 
 /// Why a build was asked for.
 #[derive(Clone, Debug, Default)]
 pub struct Request {
     /// Build even if the commit is already published (`POST /build`).
     pub force: bool,
+    /// Build exactly this commit instead of the preview branch's head, and publish it as a
+    /// rollback: a rollback to a commit whose build is no longer on disk. The caller checks that
+    /// it is on a branch.
+    pub commit: Option<String>,
+}
+
+/// Per-project locks that live outside the slot, because they are held across slow work.
+#[derive(Default)]
+pub(crate) struct ProjectLocks {
+    /// Held while the bare repository syncs from the store: `gitstore::sync::sync_repo` needs
+    /// its callers to serialize (temporary pack names, the ref transaction), and builds, the
+    /// versions list, rollbacks and exports all sync.
+    repo: tokio::sync::Mutex<()>,
+    /// Held while `current`, `last_good` and the set of kept builds change together, so a
+    /// rollback cannot point `current` at a build a prune is deleting, nor leave `last_good`
+    /// naming another build than `current` names.
+    pub(crate) publish: Mutex<()>,
 }
 
 struct Running {
@@ -42,11 +63,40 @@ pub struct Agent {
     pub(crate) metrics: Metrics,
     pub(crate) engines: crate::engine::Engines,
     slots: Mutex<HashMap<String, Arc<Mutex<Slot>>>>,
+    locks: Mutex<HashMap<String, Arc<ProjectLocks>>>,
     permits: Arc<Semaphore>,
     /// Bumped whenever any status changes, so log followers and waiters wake.
     changed: watch::Sender<u64>,
     /// Set by [`Agent::shutdown`]: no new build starts.
     stopping: AtomicBool,
+}
+
+/// What a rollback asks for.
+#[derive(Clone, Debug)]
+pub enum RollbackTarget {
+    Commit(String),
+    Build(u64),
+}
+
+/// What [`Agent::rollback`] did.
+#[derive(Clone, Debug)]
+pub enum RolledBack {
+    /// `current` now serves this kept build.
+    Switched { build: u64, commit: String },
+    /// No build of the commit is on disk: this build of it was queued.
+    Queued { build: u64, commit: String },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RollbackError {
+    #[error("build {0} is not in this project's build history")]
+    UnknownBuild(u64),
+    #[error("build {0} ended before it knew its commit: roll back to a commit instead")]
+    BuildWithoutCommit(u64),
+    #[error(transparent)]
+    Commit(#[from] RepoError),
+    #[error("switching the served build: {0}")]
+    Publish(#[from] PublishError),
 }
 
 /// What [`Agent::request`] did.
@@ -67,6 +117,7 @@ impl Agent {
             metrics: Metrics::default(),
             engines: Default::default(),
             slots: Mutex::new(HashMap::new()),
+            locks: Mutex::new(HashMap::new()),
             permits,
             changed: watch::channel(0).0,
             stopping: AtomicBool::new(false),
@@ -89,6 +140,27 @@ impl Agent {
 
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.changed.subscribe()
+    }
+
+    pub(crate) fn locks(&self, project: &str) -> Arc<ProjectLocks> {
+        let mut locks = self.locks.lock().expect("locks lock");
+        locks.entry(project.to_owned()).or_default().clone()
+    }
+
+    pub(crate) fn repo_path(&self, project: &str) -> PathBuf {
+        self.project_dir(project).join("repo.git")
+    }
+
+    /// Brings the project's bare repository up to date with the store, one sync at a time.
+    /// Waits at most for another sync, not for a whole build: builds hold the lock only while
+    /// they sync.
+    pub(crate) async fn sync_repo(
+        &self,
+        project: &ProjectId,
+    ) -> Result<gitstore::sync::SyncReport, gitstore::sync::SyncError> {
+        let locks = self.locks(project.as_str());
+        let _one_at_a_time = locks.repo.lock().await;
+        gitstore::sync::sync_repo(&self.store, project, &self.repo_path(project.as_str())).await
     }
 
     fn slot(&self, project: &str) -> Option<Arc<Mutex<Slot>>> {
@@ -167,9 +239,15 @@ impl Agent {
         let name = project.as_str();
         let slot = self.slot_or_new(name);
         let mut s = slot.lock().expect("slot lock");
-        if !req.force {
+        if !req.force && req.commit.is_none() {
             if let (Some(hint), Some(good)) = (hint, &s.status.last_good) {
-                if good.commit == hint && !s.status.state.is_active() && s.pending.is_none() {
+                // Under a rollback, the head it was made at counts as built: a redelivered
+                // webhook for it must not bring back the build the user rolled away from.
+                let rolled_back_at = good.rollback.as_ref().and_then(|r| r.head.as_deref());
+                if (good.commit == hint || rolled_back_at == Some(hint))
+                    && !s.status.state.is_active()
+                    && s.pending.is_none()
+                {
                     return Requested::AlreadyBuilt(good.build);
                 }
             }
@@ -179,8 +257,21 @@ impl Agent {
                 }
             }
         }
+        if let (Some(c), Some(r)) = (&req.commit, &s.running) {
+            // The same rollback asked for twice (a double click): one build serves both.
+            if s.status.requested_commit.as_ref() == Some(c) && s.pending.is_none() {
+                return Requested::Queued(r.build);
+            }
+        }
+        let news = hint.is_some_and(|h| is_news(&s.status, h));
         if let Some((build, pending)) = &mut s.pending {
             pending.force |= req.force;
+            // The newest intent wins: a rollback replaces a queued build of the head, and a push
+            // of a new commit replaces a queued rollback. A sync that brings nothing new (no
+            // hint, or a commit already seen) leaves a queued rollback alone.
+            if req.commit.is_some() || news {
+                pending.commit = req.commit;
+            }
             self.metrics.inc(&self.metrics.coalesced);
             return Requested::Queued(*build);
         }
@@ -198,7 +289,7 @@ impl Agent {
     fn start(self: &Arc<Self>, project: &str, s: &mut Slot, build: u64, req: Request) {
         if self.stopping.load(Ordering::SeqCst) {
             // Left queued on disk: the next start builds it (see `recover`).
-            s.status.begin(build);
+            s.status.begin(build, req.commit);
             self.persist(project, &s.status);
             return;
         }
@@ -207,7 +298,7 @@ impl Agent {
             build,
             cancel: cancel.clone(),
         });
-        s.status.begin(build);
+        s.status.begin(build, req.commit.clone());
         self.persist(project, &s.status);
         self.write_status_page(project, &s.status);
         let agent = self.clone();
@@ -249,8 +340,8 @@ impl Agent {
             let slot = self.slot_or_new(&project);
             let mut s = slot.lock().expect("slot lock");
             match s.pending.take() {
-                Some((next, _)) if self.stopping.load(Ordering::SeqCst) => {
-                    s.status.begin(next);
+                Some((next, next_req)) if self.stopping.load(Ordering::SeqCst) => {
+                    s.status.begin(next, next_req.commit);
                     self.persist(&project, &s.status);
                     s.running = None;
                     return;
@@ -261,7 +352,7 @@ impl Agent {
                         build: next,
                         cancel: cancel.clone(),
                     });
-                    s.status.begin(next);
+                    s.status.begin(next, next_req.commit.clone());
                     self.persist(&project, &s.status);
                     self.write_status_page(&project, &s.status);
                     (build, req) = (next, next_req);
@@ -378,6 +469,135 @@ impl Agent {
         Ok(queued)
     }
 
+    /// Serves `target` again. A kept successful build of it is switched to at once (a rename and
+    /// a status write, under the lock that orders it with publishing and pruning); otherwise a
+    /// build of exactly that commit is queued, once the commit is found on one of the project's
+    /// branches.
+    ///
+    /// A build running meanwhile still publishes when it finishes: it was asked for after the
+    /// commit it builds was pushed, so what it publishes is newer than the rollback's target.
+    pub async fn rollback(
+        self: &Arc<Self>,
+        project: &ProjectId,
+        target: RollbackTarget,
+    ) -> Result<RolledBack, RollbackError> {
+        let name = project.as_str();
+        let status = self.status(name);
+        let dir = publish::project_dir(&self.cfg.publish_dir, name);
+        let (commit, asked_build) = match target {
+            RollbackTarget::Commit(c) => (c.to_ascii_lowercase(), None),
+            RollbackTarget::Build(n) => {
+                let st = status.as_ref().ok_or(RollbackError::UnknownBuild(n))?;
+                let commit = match st.history.iter().find(|h| h.build == n) {
+                    Some(h) => h.commit.clone(),
+                    None => st
+                        .last_good
+                        .as_ref()
+                        .filter(|g| g.build == n)
+                        .map(|g| Some(g.commit.clone()))
+                        .ok_or(RollbackError::UnknownBuild(n))?,
+                };
+                (commit.ok_or(RollbackError::BuildWithoutCommit(n))?, Some(n))
+            }
+        };
+        // Successful, kept builds of the commit: the one asked for first, then newest first.
+        let mut builds: Vec<u64> = status
+            .iter()
+            .flat_map(|s| {
+                let good = s.last_good.iter().map(|g| (g.build, g.commit.as_str()));
+                let done = s
+                    .history
+                    .iter()
+                    .filter(|h| h.state == State::Ready)
+                    .filter_map(|h| Some((h.build, h.commit.as_deref()?)));
+                good.chain(done)
+            })
+            .filter(|(_, c)| *c == commit)
+            .map(|(b, _)| b)
+            .filter(|b| publish::is_kept(&dir, *b))
+            .collect();
+        builds.sort_unstable_by(|a, b| b.cmp(a));
+        builds.dedup();
+        if let Some(n) = asked_build.filter(|n| builds.contains(n)) {
+            builds.retain(|b| *b != n);
+            builds.insert(0, n);
+        }
+        // The head as this machine knows it, without a sync: if a push is on its way, its
+        // build sees a head that moved and publishes it, as a new push should.
+        let head = crate::versions::preview_branch(&self.repo_path(name))
+            .await
+            .ok()
+            .flatten()
+            .map(|(_, c)| c);
+        for build in builds {
+            let (agent, project, c, head) =
+                (self.clone(), name.to_owned(), commit.clone(), head.clone());
+            let switched =
+                tokio::task::spawn_blocking(move || agent.switch_to(&project, build, &c, head))
+                    .await
+                    .expect("rollback task")?;
+            if switched {
+                return Ok(RolledBack::Switched { build, commit });
+            }
+        }
+        crate::versions::resolve_commit(self, project, &commit).await?;
+        let req = Request {
+            force: false,
+            commit: Some(commit.clone()),
+        };
+        let (Requested::Queued(build) | Requested::AlreadyBuilt(build)) =
+            self.request(project, None, req);
+        log::info!(project = name, build, commit; "rollback: no kept build of the commit; building it");
+        Ok(RolledBack::Queued { build, commit })
+    }
+
+    /// Makes kept build `build` of `commit` the served one. False when it is no longer kept (a
+    /// prune took it since it was picked).
+    fn switch_to(
+        &self,
+        project: &str,
+        build: u64,
+        commit: &str,
+        head: Option<String>,
+    ) -> Result<bool, PublishError> {
+        let dir = publish::project_dir(&self.cfg.publish_dir, project);
+        let locks = self.locks(project);
+        let _switching = locks.publish.lock().expect("publish lock");
+        if !publish::is_kept(&dir, build) {
+            return Ok(false);
+        }
+        let good = self.status(project).and_then(|s| s.last_good);
+        if publish::current(&dir) == Some(build) && good.is_some_and(|g| g.build == build) {
+            return Ok(true);
+        }
+        publish::switch_current(&dir, build)?;
+        let now = crate::status::now_ms();
+        let (preview_url, pinned_url) = (
+            self.cfg.preview_url_for(project),
+            self.cfg.pinned_url_for(project, build),
+        );
+        let mut from = None;
+        self.update(project, |s| {
+            from = s.last_good.take();
+            s.last_good = Some(LastGood {
+                commit: commit.to_owned(),
+                build,
+                preview_url,
+                published_at_ms: now,
+                pinned_url: Some(pinned_url),
+                rollback: Rollback::after(from.as_ref(), commit, head, now),
+            });
+        });
+        // The build rolled back to is a ready one: a later build's failure page (or the
+        // building page that follows one) must not hide it. Each build writes the page again
+        // as it starts and ends, so nothing else needs to change.
+        if let Err(e) = crate::preview::set_status_page(&dir, None) {
+            log::error!(project, error:% = e; "cannot remove the preview's status page");
+        }
+        log::info!(project, build, commit, from_build:? = from.map(|g| g.build); "rolled back");
+        Ok(true)
+    }
+
     /// Builds waiting for a machine-wide slot.
     pub fn queue_depth(&self) -> u64 {
         self.metrics
@@ -410,7 +630,16 @@ impl Agent {
                         Some("interrupted by an agent restart; rebuilt".into()),
                     )
                 });
-                self.request(&id, None, Request { force: true });
+                // A rollback's build is of its commit, not of whatever the branch holds now.
+                let commit = st.requested_commit.clone();
+                self.request(
+                    &id,
+                    None,
+                    Request {
+                        force: true,
+                        commit,
+                    },
+                );
             }
         }
     }
@@ -462,6 +691,18 @@ impl Agent {
         make_owned_dir(&v.join("nm"), 0, 0, 0o711)?;
         make_owned_dir(&v.join("engines"), 0, 0, 0o755)
     }
+}
+
+/// Whether a webhook's commit is one the project has not seen: not the running build's, not the
+/// served one, not the head a rollback was made at.
+fn is_news(status: &Status, hint: &str) -> bool {
+    let good = status.last_good.as_ref();
+    let rolled_back_at = good
+        .and_then(|g| g.rollback.as_ref())
+        .and_then(|r| r.head.as_deref());
+    status.commit.as_deref() != Some(hint)
+        && good.is_none_or(|g| g.commit != hint)
+        && rolled_back_at != Some(hint)
 }
 
 /// Creates a directory owned by `uid:gid` with `mode`.

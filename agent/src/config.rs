@@ -89,6 +89,27 @@ impl Config {
         }
     }
 
+    /// A URL whose content never changes: build `build` of `project`, for as long as the build is
+    /// kept. Path mode: `<preview_url>/<project>/b/<build>/`; origin mode: `<build>--<project>` in
+    /// place of `{project}`, so the pinned build is an origin of its own, like the moving one.
+    /// The build's number leads because project ids may contain `--` themselves.
+    pub fn pinned_url_for(&self, project: &str, build: u64) -> String {
+        if self.preview_url.contains("{project}") {
+            let mut u = self
+                .preview_url
+                .replace("{project}", &format!("{build}--{project}"));
+            if !u.ends_with('/') {
+                u.push('/');
+            }
+            u
+        } else {
+            format!(
+                "{}/{project}/b/{build}/",
+                self.preview_url.trim_end_matches('/')
+            )
+        }
+    }
+
     /// The path the app is served under, which Vite's `base` must match: `/` in origin mode,
     /// else the preview URL's own path plus `/<project>/`.
     pub fn base_path_for(&self, project: &str) -> String {
@@ -175,7 +196,11 @@ mod tests {
     use super::*;
 
     fn with_url(preview_url: &str) -> String {
-        let cfg = Config {
+        config(preview_url).base_path_for("shop")
+    }
+
+    fn config(preview_url: &str) -> Config {
+        Config {
             preview_url: preview_url.into(),
             generator_origins: Vec::new(),
             state_dir: "/s".into(),
@@ -197,8 +222,24 @@ mod tests {
             pnpm: "/usr/bin/pnpm".into(),
             node: "/usr/bin/node".into(),
             engine: Engine::Fast,
-        };
-        cfg.base_path_for("shop")
+        }
+    }
+
+    #[test]
+    fn pinned_urls_name_the_build_in_the_path_or_the_origin() {
+        let pinned = |u: &str| config(u).pinned_url_for("my--shop", 12);
+        assert_eq!(
+            pinned("http://127.0.0.1:8080/preview"),
+            "http://127.0.0.1:8080/preview/my--shop/b/12/"
+        );
+        assert_eq!(
+            pinned("http://127.0.0.1:8080/preview/"),
+            "http://127.0.0.1:8080/preview/my--shop/b/12/"
+        );
+        assert_eq!(
+            pinned("https://{project}.preview.example.com"),
+            "https://12--my--shop.preview.example.com/"
+        );
     }
 
     #[test]

@@ -1,9 +1,11 @@
 //! The Kiln agent: turns a pushed commit into a served preview on a build VM.
 //!
-//! Codemap: `server` (HTTP API), `agent` (per-project queue and coalescing), `pipeline` (the
-//! phases of one build), `checkout` (only-changed worktree updates), `sandbox` (namespaces,
-//! cgroups, uid drop), `publish` (atomic switch of the served build), `status` (persisted status
-//! and bounded logs), `config`, `metrics`.
+//! Codemap: `server` (HTTP API), `agent` (per-project queue and coalescing, rollbacks),
+//! `pipeline` (the phases of one build), `checkout` (only-changed worktree updates), `sandbox`
+//! (namespaces, cgroups, uid drop), `publish` (atomic switch of the served build, pruning, the
+//! union of kept builds' assets behind pinned URLs), `status` (persisted status and bounded
+//! logs), `versions` (the preview branch's commits with their builds, exports as archives and
+//! WebContainer trees), `config`, `metrics`.
 
 mod agent;
 pub mod checkout;
@@ -17,5 +19,6 @@ pub mod publish;
 pub mod sandbox;
 pub mod server;
 pub mod status;
+pub mod versions;
 
-pub use agent::{Agent, Request, Requested};
+pub use agent::{Agent, Request, Requested, RollbackError, RollbackTarget, RolledBack};

@@ -187,18 +187,37 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(a.listen)
         .await
         .with_context(|| format!("binding {}", a.listen))?;
-    axum::serve(listener, agent::server::router(agent))
-        .with_graceful_shutdown(async {
-            let mut term =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                    .expect("signal handler");
-            tokio::select! {
-                _ = term.recv() => {},
-                _ = tokio::signal::ctrl_c() => {},
-            }
-            log::info!("shutting down");
-        })
-        .await?;
+    // Stop budget, inside the unit's TimeoutStopSec= (90 s): HTTP drain, then running builds,
+    // then up to 10 s for cancelled sandboxes to be cleaned up.
+    const HTTP_DRAIN: Duration = Duration::from_secs(10);
+    const BUILD_GRACE: Duration = Duration::from_secs(60);
+    use gitstore::systemd;
+    systemd::notify_status(&format!("serving on {}", a.listen));
+    systemd::notify_ready();
+    // The watchdog's round trip through the runtime and its blocking pool (where checkouts and
+    // publishing run) is the agent's liveness.
+    systemd::spawn_watchdog(|| true);
+    let (stopping, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = axum::serve(listener, agent::server::router(agent.clone()))
+        .with_graceful_shutdown(async move {
+            systemd::stop_requested().await;
+            log::info!("stopping: no new requests, then running builds get {BUILD_GRACE:?}");
+            systemd::notify_status("stopping: finishing requests and running builds");
+            let _ = stopping.send(());
+        });
+    // `/logs?follow=1` streams last as long as a build: they must not hold the builds' grace.
+    let drain_deadline = async move {
+        match stopped.await {
+            Ok(()) => tokio::time::sleep(HTTP_DRAIN).await,
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        served = std::future::IntoFuture::into_future(server) => served?,
+        () = drain_deadline => log::info!("stopping: dropping HTTP connections still open after {HTTP_DRAIN:?}"),
+    }
+    agent.shutdown(BUILD_GRACE).await;
+    log::info!("stopped");
     Ok(())
 }
 

@@ -17,7 +17,7 @@ use crate::checkout::{self, Flat, Owner};
 use crate::config::Engine;
 use crate::publish;
 use crate::sandbox::{self, Exit, Mount, Spec};
-use crate::status::{LastGood, Log, State};
+use crate::status::{LastGood, Log, Rollback, State};
 
 /// Files whose change means dependencies must be installed again.
 const DEPENDENCY_FILES: &[&str] = &[
@@ -104,12 +104,13 @@ async fn steps(
 ) -> Result<(), Failure> {
     let pid = ProjectId::parse(project).map_err(|e| Failure::failed(e.to_string()))?;
     let dir = agent.project_dir(project);
-    let repo = dir.join("repo.git");
+    let repo = agent.repo_path(project);
 
     // 1. Sync.
     phase(agent, project, log, State::Syncing, "sync");
     let t = Instant::now();
-    let report = gitstore::sync::sync_repo(&agent.store, &pid, &repo)
+    let report = agent
+        .sync_repo(&pid)
         .await
         .map_err(|e| Failure::failed(format!("sync from the blob store failed: {e}")))?;
     agent
@@ -119,13 +120,22 @@ async fn steps(
         "generation {}: fetched {} pack(s), {} bytes",
         report.generation, report.packs_fetched, report.bytes_fetched
     ));
-    let (refname, commit) = preview_ref(&repo).await.map_err(Failure::failed)?;
-    log.note(&format!("{refname} is at {commit}"));
+    let (refname, head) = preview_ref(&repo).await.map_err(Failure::failed)?;
+    log.note(&format!("{refname} is at {head}"));
+    let status = agent.status(project).expect("status exists during a build");
+    let target = Target::pick(req, &head, status.last_good.as_ref());
+    match &target {
+        Target::Head => {}
+        Target::Rollback(c) => log.note(&format!("building {c}, asked for by a rollback")),
+        Target::StillRolledBack(c, _) => log.note(&format!(
+            "the preview is rolled back to {c} and {refname} has not moved since: building that commit, not the head"
+        )),
+    }
+    let commit = target.commit(&head).to_owned();
     agent.update(project, |s| s.commit = Some(commit.clone()));
     done(agent, project, "sync", t);
 
     let publish_dir = publish::project_dir(&agent.cfg.publish_dir, project);
-    let status = agent.status(project).expect("status exists during a build");
     if !req.force {
         if let Some(good) = &status.last_good {
             if good.commit == commit && publish::current(&publish_dir) == Some(good.build) {
@@ -201,15 +211,15 @@ async fn steps(
     let t = Instant::now();
     let max = agent.cfg.max_output_bytes;
     let (pd, o) = (publish_dir.clone(), out.clone());
-    let head = crate::preview::console_script(&agent.cfg.generator_origins, project, build);
+    let script = crate::preview::console_script(&agent.cfg.generator_origins, project, build);
     let published = tokio::task::spawn_blocking(move || {
-        publish::publish(
+        publish::stage(
             &o,
             &pd,
             build,
             max,
             &|rel| rel == "node_modules" || rel.starts_with(".kiln-tmp"),
-            &head,
+            &script,
         )
     })
     .await
@@ -222,21 +232,107 @@ async fn steps(
         "published {} files, {} bytes ({} precompressed)",
         published.files, published.bytes, published.compressed
     ));
-    let preview_url = agent.cfg.preview_url_for(project);
-    agent.update(project, |s| {
-        s.last_good = Some(LastGood {
-            commit: commit.clone(),
-            build,
-            preview_url: preview_url.clone(),
-            published_at_ms: crate::status::now_ms(),
-        })
-    });
-    let removed = publish::prune(&publish_dir, agent.cfg.keep_builds, &[build]);
+    if let Some(e) = &published.assets_error {
+        log.note(&format!(
+            "pinned URLs of this build may miss assets: linking them failed: {e}"
+        ));
+    }
+    let (a, p, pd, keep) = (
+        agent.clone(),
+        project.to_owned(),
+        publish_dir.clone(),
+        agent.cfg.keep_builds,
+    );
+    let (removed, swept) = tokio::task::spawn_blocking(move || {
+        let removed = {
+            let locks = a.locks(&p);
+            let _switching = locks.publish.lock().expect("publish lock");
+            publish::switch_current(&pd, build)?;
+            a.update(&p, |s| target.record(s, &a.cfg, &p, build, &commit, head));
+            publish::retire(&pd, keep, &[build])
+        };
+        Ok::<_, publish::PublishError>((removed, publish::sweep(&pd)))
+    })
+    .await
+    .expect("publish task")
+    .map_err(|e| Failure::failed(format!("publish failed: {e}")))?;
     if !removed.is_empty() {
         log.note(&format!("pruned old builds {removed:?}"));
     }
+    if let Err(e) = swept {
+        log.note(&format!(
+            "pinned URLs of older builds may miss assets: relinking them failed: {e}"
+        ));
+    }
     done(agent, project, "publish", t);
     Ok(())
+}
+
+/// What a build publishes, decided once the branch's head is known.
+enum Target {
+    /// The preview branch's head: the usual build.
+    Head,
+    /// A commit asked for by a rollback.
+    Rollback(String),
+    /// The commit the preview is rolled back to: the branch has not moved since the rollback,
+    /// so building its head would undo the rollback for no new commit.
+    StillRolledBack(String, Rollback),
+}
+
+impl Target {
+    fn pick(req: &Request, head: &str, good: Option<&LastGood>) -> Self {
+        if let Some(c) = &req.commit {
+            return Self::Rollback(c.clone());
+        }
+        match good.and_then(|g| Some((g, g.rollback.as_ref()?))) {
+            Some((g, r)) if r.head.as_deref() == Some(head) => {
+                Self::StillRolledBack(g.commit.clone(), r.clone())
+            }
+            _ => Self::Head,
+        }
+    }
+
+    fn commit<'a>(&'a self, head: &'a str) -> &'a str {
+        match self {
+            Self::Head => head,
+            Self::Rollback(c) | Self::StillRolledBack(c, _) => c,
+        }
+    }
+
+    /// Records build `build` of `commit` as the served one.
+    fn record(
+        self,
+        s: &mut crate::status::Status,
+        cfg: &crate::config::Config,
+        project: &str,
+        build: u64,
+        commit: &str,
+        head: String,
+    ) {
+        let now = crate::status::now_ms();
+        let from = s.last_good.take();
+        let (rollback, rollback_from) = match self {
+            Self::Head => (None, None),
+            Self::Rollback(_) => {
+                let r = Rollback::after(from.as_ref(), commit, Some(head), now);
+                let from_build = r.as_ref().and(from.as_ref()).map(|g| g.build);
+                (r, from_build)
+            }
+            // Not a new rollback: the same one, served by a fresh build of its commit.
+            Self::StillRolledBack(_, r) => (Some(r), None),
+        };
+        let pinned_url = cfg.pinned_url_for(project, build);
+        s.pinned_url = Some(pinned_url.clone());
+        s.rollback_from = rollback_from;
+        s.last_good = Some(LastGood {
+            commit: commit.to_owned(),
+            build,
+            preview_url: cfg.preview_url_for(project),
+            published_at_ms: now,
+            pinned_url: Some(pinned_url),
+            rollback,
+        });
+    }
 }
 
 fn phase(agent: &Agent, project: &str, log: &mut Log, state: State, name: &str) {
@@ -262,36 +358,18 @@ fn check_cancel(cancel: &CancellationToken) -> Result<(), Failure> {
     Ok(())
 }
 
-/// The branch previews are built from: `main`, else `master`, else the first branch.
+/// The branch previews are built from and its head (see [`crate::versions::preview_branch`]).
 async fn preview_ref(repo: &Path) -> Result<(String, String), String> {
-    let out = tokio::process::Command::new("git")
-        .arg("--git-dir")
-        .arg(repo)
-        .args([
-            "for-each-ref",
-            "--format=%(refname) %(objectname)",
-            "refs/heads/",
-        ])
-        .output()
+    crate::versions::preview_branch(repo)
         .await
-        .map_err(|e| format!("running git: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "git for-each-ref failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    let text = String::from_utf8_lossy(&out.stdout);
-    let refs: Vec<(&str, &str)> = text.lines().filter_map(|l| l.split_once(' ')).collect();
-    ["refs/heads/main", "refs/heads/master"]
-        .iter()
-        .find_map(|want| refs.iter().find(|(r, _)| r == want))
-        .or(refs.first())
-        .map(|(r, c)| (r.to_string(), c.to_string()))
+        .map_err(|e| e.to_string())?
         .ok_or_else(|| "the project has no branch yet: push one (main is built)".to_owned())
 }
 
-fn commit_tree(objects: &gix::odb::Handle, commit: &str) -> Result<gix::ObjectId, String> {
+pub(crate) fn commit_tree(
+    objects: &gix::odb::Handle,
+    commit: &str,
+) -> Result<gix::ObjectId, String> {
     let id = gix::ObjectId::from_hex(commit.as_bytes()).map_err(|e| e.to_string())?;
     let mut buf = Vec::new();
     let data = objects

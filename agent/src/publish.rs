@@ -3,8 +3,16 @@
 //!
 //! The output comes from untrusted build code: only regular files and directories are copied
 //! (a symlink to `/etc/shadow` in `dist/` must never be served), and sizes are bounded.
+//!
+//! Every kept build stays servable at its pinned URL (`<p>/b/<n>/`, served from `builds/<n>/`).
+//! Apps are built with the moving URL's base, so a pinned page asks for its hashed assets under
+//! `<p>/assets/`; the web server answers those from `current/assets/`, else from the project's
+//! `assets/` directory, which holds hard links to the `assets/` files of every kept build
+//! ([`link_assets`]).
 
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::io::Write;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +43,9 @@ pub struct Published {
     pub compressed: u64,
     /// Entries of the output that were not regular files or directories and were left out.
     pub skipped: Vec<String>,
+    /// Why the build's assets could not be linked into the union, if they could not: its pinned
+    /// URL may then miss assets, while the moving URL is fine.
+    pub assets_error: Option<String>,
 }
 
 /// Where a project's builds live under the publish root: `<root>/<project>/builds/<id>` and the
@@ -47,6 +58,21 @@ pub fn project_dir(root: &Path, project: &str) -> PathBuf {
 /// it `current`. `head` (when not empty) is inserted at the top of every HTML page: the console
 /// script. A crash before the final rename leaves the previous build current.
 pub fn publish(
+    out: &Path,
+    project_dir: &Path,
+    build: u64,
+    max_bytes: u64,
+    skip: &dyn Fn(&str) -> bool,
+    head: &str,
+) -> Result<Published, PublishError> {
+    let report = stage(out, project_dir, build, max_bytes, skip, head)?;
+    switch_current(project_dir, build)?;
+    Ok(report)
+}
+
+/// [`publish`] without the switch: the build is complete in `builds/<build>` (and its assets
+/// linked into the union) but not yet `current`, so a caller can switch under its own lock.
+pub fn stage(
     out: &Path,
     project_dir: &Path,
     build: u64,
@@ -75,7 +101,8 @@ pub fn publish(
     };
     copy.tree(out, &staging, "", &mut report)?;
     std::fs::rename(&staging, &dest).map_err(io(&dest))?;
-    switch_current(project_dir, build)?;
+    // Before the switch, so the build's pinned URL works from the moment anyone can learn it.
+    report.assets_error = link_assets(project_dir).err().map(|e| e.to_string());
     Ok(report)
 }
 
@@ -98,27 +125,182 @@ pub fn current(project_dir: &Path) -> Option<u64> {
     target.file_name()?.to_str()?.parse().ok()
 }
 
-/// Deletes published builds beyond the newest `keep`, never `current` or `protect`.
-pub fn prune(project_dir: &Path, keep: usize, protect: &[u64]) -> Vec<u64> {
-    let builds = project_dir.join("builds");
-    let current = current(project_dir);
-    let mut ids: Vec<u64> = std::fs::read_dir(&builds)
+/// Whether build `build` is on disk, complete, and so servable (a rename makes it appear whole).
+pub fn is_kept(project_dir: &Path, build: u64) -> bool {
+    project_dir
+        .join("builds")
+        .join(build.to_string())
+        .join("index.html")
+        .is_file()
+}
+
+/// The builds on disk, oldest first.
+pub fn kept_builds(project_dir: &Path) -> Vec<u64> {
+    let mut ids: Vec<u64> = std::fs::read_dir(project_dir.join("builds"))
         .into_iter()
         .flatten()
         .flatten()
         .filter_map(|e| e.file_name().to_str()?.parse().ok())
         .collect();
-    ids.sort_unstable_by(|a, b| b.cmp(a));
+    ids.sort_unstable();
+    ids
+}
+
+const RETIRED: &str = ".retired-";
+
+/// Takes published builds beyond the newest `keep` out of the kept set, never `current` or
+/// `protect`, by renaming them aside: quick enough to run under the lock that orders it with a
+/// rollback's switch of `current`. [`sweep`] deletes them afterwards.
+pub fn retire(project_dir: &Path, keep: usize, protect: &[u64]) -> Vec<u64> {
+    let builds = project_dir.join("builds");
+    let current = current(project_dir);
+    let mut ids = kept_builds(project_dir);
+    ids.reverse();
     let mut removed = Vec::new();
     for id in ids.into_iter().skip(keep) {
         if Some(id) == current || protect.contains(&id) {
             continue;
         }
-        if std::fs::remove_dir_all(builds.join(id.to_string())).is_ok() {
+        let to = builds.join(format!("{RETIRED}{id}"));
+        let _ = std::fs::remove_dir_all(&to);
+        if std::fs::rename(builds.join(id.to_string()), &to).is_ok() {
             removed.push(id);
         }
     }
     removed
+}
+
+/// Deletes retired builds (also those a crash left behind) and drops their assets from the
+/// union.
+pub fn sweep(project_dir: &Path) -> Result<(), PublishError> {
+    let builds = project_dir.join("builds");
+    for e in std::fs::read_dir(&builds).into_iter().flatten().flatten() {
+        if e.file_name().to_string_lossy().starts_with(RETIRED) {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+    link_assets(project_dir).map(|_| ())
+}
+
+/// What [`link_assets`] changed.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct AssetLinks {
+    pub linked: u64,
+    pub removed: u64,
+}
+
+/// Makes `<project_dir>/assets/` the union of the `assets/` directories of every kept build, as
+/// hard links (no copy, and deleting a build leaves the union's link valid until it goes too).
+///
+/// Hashed names are content-addressed, so two builds naming a file alike almost always hold the
+/// same bytes; when they do not, the file already in the union stays (a page that loaded it
+/// keeps getting what it loaded), and only a file no kept build holds any more is replaced or
+/// removed. A `.gz` always comes from the same build as the file it compresses, so nginx's
+/// `gzip_static` never pairs one build's file with another's precompressed copy.
+pub fn link_assets(project_dir: &Path) -> Result<AssetLinks, PublishError> {
+    let union = project_dir.join("assets");
+    // Relative path → the kept builds' copies, oldest build first.
+    let mut copies: BTreeMap<String, Vec<PathBuf>> = BTreeMap::new();
+    for build in kept_builds(project_dir) {
+        let root = project_dir
+            .join("builds")
+            .join(build.to_string())
+            .join("assets");
+        let mut files = Vec::new();
+        list_files(&root, "", &mut files)?;
+        let names: HashSet<&str> = files.iter().map(String::as_str).collect();
+        for rel in &files {
+            // A precompressed copy follows its file (below), unless it has none in this build.
+            if rel
+                .strip_suffix(".gz")
+                .is_some_and(|base| names.contains(base))
+            {
+                continue;
+            }
+            copies.entry(rel.clone()).or_default().push(root.join(rel));
+        }
+    }
+    let mut wanted: BTreeMap<String, PathBuf> = BTreeMap::new();
+    for (rel, sources) in &copies {
+        let there = inode(&union.join(rel));
+        let chosen = sources
+            .iter()
+            .find(|s| there.is_some() && inode(s) == there)
+            .unwrap_or(&sources[0]);
+        // A file named like another's precompressed copy yields to that copy (sorted first).
+        wanted.entry(rel.clone()).or_insert_with(|| chosen.clone());
+        let gz = PathBuf::from(format!("{}.gz", chosen.display()));
+        if gz.is_file() {
+            wanted.insert(format!("{rel}.gz"), gz);
+        }
+    }
+    let mut report = AssetLinks::default();
+    for (rel, src) in &wanted {
+        let dst = union.join(rel);
+        if inode(&dst).is_some() && inode(&dst) == inode(src) {
+            continue;
+        }
+        let dir = dst.parent().unwrap_or(&union);
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        // Linked under a temporary name and renamed over: a request never finds the name missing.
+        let tmp = dir.join(format!(".kiln-link.{}", std::process::id()));
+        let _ = std::fs::remove_file(&tmp);
+        std::fs::hard_link(src, &tmp).map_err(io(&tmp))?;
+        std::fs::rename(&tmp, &dst).map_err(io(&dst))?;
+        report.linked += 1;
+    }
+    let mut present = Vec::new();
+    list_files(&union, "", &mut present)?;
+    let keep: BTreeSet<&str> = wanted.keys().map(String::as_str).collect();
+    for rel in present.iter().filter(|r| !keep.contains(r.as_str())) {
+        let path = union.join(rel);
+        std::fs::remove_file(&path).map_err(io(&path))?;
+        report.removed += 1;
+    }
+    remove_empty_dirs(&union);
+    Ok(report)
+}
+
+fn inode(path: &Path) -> Option<(u64, u64)> {
+    std::fs::symlink_metadata(path)
+        .ok()
+        .filter(|m| m.is_file())
+        .map(|m| (m.dev(), m.ino()))
+}
+
+/// Regular files under `dir` (relative, `/`-separated); nothing if `dir` is missing.
+fn list_files(dir: &Path, rel: &str, out: &mut Vec<String>) -> Result<(), PublishError> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io(dir)(e)),
+    };
+    for e in entries {
+        let e = e.map_err(io(dir))?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        let child = if rel.is_empty() {
+            name
+        } else {
+            format!("{rel}/{name}")
+        };
+        let ft = e.file_type().map_err(io(&e.path()))?;
+        if ft.is_dir() {
+            list_files(&e.path(), &child, out)?;
+        } else if ft.is_file() {
+            out.push(child);
+        }
+    }
+    Ok(())
+}
+
+/// Removes directories left empty under `dir` (not `dir` itself).
+fn remove_empty_dirs(dir: &Path) {
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        if e.file_type().is_ok_and(|t| t.is_dir()) {
+            remove_empty_dirs(&e.path());
+            let _ = std::fs::remove_dir(e.path());
+        }
+    }
 }
 
 const COMPRESSIBLE: &[&str] = &[
@@ -212,4 +394,106 @@ fn gzip_beside(file: &Path) -> Result<(), PublishError> {
         std::fs::write(&gz_path, gz).map_err(io(&gz_path))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(path: &Path, content: &str) {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, content).unwrap();
+    }
+
+    fn build(dir: &Path, n: u64, assets: &[(&str, &str)]) {
+        let root = dir.join("builds").join(n.to_string());
+        write(&root.join("index.html"), "<!doctype html>");
+        for (name, content) in assets {
+            write(&root.join("assets").join(name), content);
+        }
+    }
+
+    fn union(dir: &Path) -> BTreeMap<String, String> {
+        let mut files = Vec::new();
+        list_files(&dir.join("assets"), "", &mut files).unwrap();
+        files
+            .into_iter()
+            .map(|f| {
+                let text = std::fs::read_to_string(dir.join("assets").join(&f)).unwrap();
+                (f, text)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_union_holds_every_kept_builds_assets_and_keeps_the_first_of_a_name() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        build(
+            dir,
+            1,
+            &[
+                ("a.js", "a1"),
+                ("a.js.gz", "gz of a1"),
+                ("same.css", "css 1"),
+            ],
+        );
+        link_assets(dir).unwrap();
+        build(
+            dir,
+            2,
+            &[
+                ("b.js", "b2"),
+                ("same.css", "css 2"),
+                ("fonts/f.woff", "f2"),
+            ],
+        );
+        switch_current(dir, 2).unwrap();
+        let report = link_assets(dir).unwrap();
+        assert_eq!(report.linked, 2, "only the new names are linked");
+        let expect = |pairs: &[(&str, &str)]| {
+            pairs
+                .iter()
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .collect::<BTreeMap<_, _>>()
+        };
+        assert_eq!(
+            union(dir),
+            expect(&[
+                ("a.js", "a1"),
+                ("a.js.gz", "gz of a1"),
+                ("b.js", "b2"),
+                ("fonts/f.woff", "f2"),
+                ("same.css", "css 1"),
+            ])
+        );
+        let linked = std::fs::metadata(dir.join("assets/a.js")).unwrap();
+        assert_eq!(linked.nlink(), 2, "a hard link, not a copy");
+
+        assert_eq!(retire(dir, 1, &[]), vec![1]);
+        sweep(dir).unwrap();
+        assert!(!dir.join("builds/1").exists());
+        assert_eq!(
+            union(dir),
+            expect(&[
+                ("b.js", "b2"),
+                ("fonts/f.woff", "f2"),
+                ("same.css", "css 2")
+            ]),
+            "build 1's files go with it, and its name is taken over by the kept build"
+        );
+    }
+
+    #[test]
+    fn retire_never_takes_current_or_protected_builds() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        for n in 1..=4 {
+            build(dir, n, &[]);
+        }
+        switch_current(dir, 1).unwrap();
+        assert_eq!(retire(dir, 1, &[2]), vec![3]);
+        sweep(dir).unwrap();
+        assert_eq!(kept_builds(dir), vec![1, 2, 4]);
+    }
 }

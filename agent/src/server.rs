@@ -1,5 +1,6 @@
-//! The agent's HTTP API: the signed sync webhook, status, logs, rebuild and cancel, health and
-//! metrics. Errors are JSON `{error, message}` with a status code that says what went wrong.
+//! The agent's HTTP API: the signed sync webhook, status, logs, rebuild and cancel, versions,
+//! rollback and export, health and metrics. Errors are JSON `{error, message}` with a status
+//! code that says what went wrong.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -7,14 +8,15 @@ use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use gitstore::ProjectId;
 use serde::Deserialize;
 
-use crate::agent::{Agent, Request, Requested};
+use crate::agent::{Agent, Request, Requested, RollbackError, RollbackTarget, RolledBack};
+use crate::versions::{self, ExportError, RepoError};
 
 pub struct ApiError {
     status: StatusCode,
@@ -33,6 +35,20 @@ impl ApiError {
 
     fn unauthorized(message: impl Into<String>) -> Self {
         Self::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
+    }
+
+    fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
+    }
+
+    /// A failure that is the agent's, not the caller's: the details go to the log only.
+    fn internal(what: &str, e: &dyn std::fmt::Display) -> Self {
+        log::error!(error:% = e; "{what} failed");
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            format!("{what} failed on the agent; its log has the details"),
+        )
     }
 
     fn not_found(project: &str) -> Self {
@@ -63,6 +79,45 @@ impl IntoResponse for ApiError {
 
 type ApiResult<T> = Result<T, ApiError>;
 
+impl From<RepoError> for ApiError {
+    fn from(e: RepoError) -> Self {
+        match e {
+            RepoError::UnknownCommit { .. }
+            | RepoError::NotOnBranch { .. }
+            | RepoError::NoBranch(_) => {
+                Self::new(StatusCode::NOT_FOUND, "not_found", e.to_string())
+            }
+            RepoError::Sync(_) => {
+                Self::new(StatusCode::SERVICE_UNAVAILABLE, "store", e.to_string())
+            }
+            RepoError::Git { .. } => Self::internal("reading the repository", &e),
+        }
+    }
+}
+
+impl From<RollbackError> for ApiError {
+    fn from(e: RollbackError) -> Self {
+        match e {
+            RollbackError::UnknownBuild(_) | RollbackError::BuildWithoutCommit(_) => {
+                Self::new(StatusCode::NOT_FOUND, "not_found", e.to_string())
+            }
+            RollbackError::Commit(e) => e.into(),
+            RollbackError::Publish(e) => Self::internal("the rollback", &e),
+        }
+    }
+}
+
+impl From<ExportError> for ApiError {
+    fn from(e: ExportError) -> Self {
+        match e {
+            ExportError::TooLarge { .. } => {
+                Self::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", e.to_string())
+            }
+            ExportError::Objects { .. } | ExportError::Tree(_) => Self::internal("the export", &e),
+        }
+    }
+}
+
 /// Token checks are cached briefly: status polling must not read the blob store every time, and a
 /// revoked token stops working within the TTL.
 const TOKEN_TTL: Duration = Duration::from_secs(5);
@@ -89,6 +144,9 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/cancel/{project}", post(cancel))
         .route("/status/{project}", get(status))
         .route("/logs/{project}", get(logs))
+        .route("/api/projects/{project}/versions", get(list_versions))
+        .route("/api/projects/{project}/rollback", post(rollback))
+        .route("/api/projects/{project}/export", get(export))
         .layer(DefaultBodyLimit::max(64 << 10))
         .with_state(app)
 }
@@ -255,8 +313,14 @@ async fn rebuild(
     headers: HeaderMap,
 ) -> ApiResult<Response> {
     let project = app.authorized(&headers, &raw).await?;
-    let (Requested::Queued(build) | Requested::AlreadyBuilt(build)) =
-        app.agent.request(&project, None, Request { force: true });
+    let (Requested::Queued(build) | Requested::AlreadyBuilt(build)) = app.agent.request(
+        &project,
+        None,
+        Request {
+            force: true,
+            ..Request::default()
+        },
+    );
     Ok((
         StatusCode::ACCEPTED,
         Json(serde_json::json!({"build": build, "state": "queued"})),
@@ -371,6 +435,175 @@ fn async_stream(
             }
         },
     )
+}
+
+/// The query string as pairs; its own parse, so a malformed one gets the JSON error every route
+/// answers with.
+fn query(uri: &Uri) -> ApiResult<HashMap<String, String>> {
+    Query::<HashMap<String, String>>::try_from_uri(uri)
+        .map(|Query(q)| q)
+        .map_err(|e| ApiError::bad_request(format!("bad query string: {}", e.body_text())))
+}
+
+/// `GET /api/projects/{project}/versions[?limit=N&offset=M]`: the preview branch's commits,
+/// newest first, with their builds.
+async fn list_versions(
+    State(app): State<App>,
+    Path(raw): Path<String>,
+    uri: Uri,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    let project = app.authorized(&headers, &raw).await?;
+    let q = query(&uri)?;
+    let limit = match q.get("limit") {
+        None => versions::DEFAULT_LIMIT,
+        Some(v) => v
+            .parse()
+            .ok()
+            .filter(|n| (1..=versions::MAX_LIMIT).contains(n))
+            .ok_or_else(|| {
+                ApiError::bad_request(format!(
+                    "limit must be a whole number from 1 to {}, got {v:?}",
+                    versions::MAX_LIMIT
+                ))
+            })?,
+    };
+    let offset = match q.get("offset") {
+        None => 0,
+        Some(v) => v.parse::<u32>().map_err(|_| {
+            ApiError::bad_request(format!("offset must be a whole number, got {v:?}"))
+        })? as usize,
+    };
+    let list = versions::list(&app.agent, &project, limit, offset).await?;
+    Ok(Json(list).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RollbackBody {
+    commit: Option<String>,
+    build: Option<u64>,
+}
+
+/// `POST /api/projects/{project}/rollback` with `{"commit": "<40 hex>"}` or `{"build": N}`: 200
+/// when a kept build was switched to, 202 when a build of the commit was queued.
+async fn rollback(
+    State(app): State<App>,
+    Path(raw): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let project = app.authorized(&headers, &raw).await?;
+    let shape = r#"send {"commit": "<40-hex commit id>"} or {"build": <build number>}"#;
+    let parsed: RollbackBody = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad_request(format!("{shape}: {e}")))?;
+    let target = match parsed {
+        RollbackBody {
+            commit: Some(c),
+            build: None,
+        } if c.len() == 40 && versions::is_hex(&c) => RollbackTarget::Commit(c),
+        RollbackBody {
+            commit: Some(c),
+            build: None,
+        } => {
+            return Err(ApiError::bad_request(format!(
+                "commit must be a full 40-hex commit id, got {c:?}"
+            )))
+        }
+        RollbackBody {
+            commit: None,
+            build: Some(b),
+        } => RollbackTarget::Build(b),
+        _ => return Err(ApiError::bad_request(shape)),
+    };
+    let name = project.as_str();
+    Ok(match app.agent.rollback(&project, target).await? {
+        RolledBack::Switched { build, commit } => Json(serde_json::json!({
+            "build": build,
+            "commit": commit,
+            "preview_url": app.agent.cfg.preview_url_for(name),
+            "pinned_url": app.agent.cfg.pinned_url_for(name, build),
+            "rebuilt": false,
+        }))
+        .into_response(),
+        RolledBack::Queued { build, commit } => (
+            StatusCode::ACCEPTED,
+            Json(serde_json::json!({
+                "build": build,
+                "commit": commit,
+                "state": "queued",
+                "rebuilt": true,
+            })),
+        )
+            .into_response(),
+    })
+}
+
+/// `GET /api/projects/{project}/export?format=tar.gz|zip|webcontainer[&commit=<hex>]`: the files
+/// of a commit (default: the one the preview serves, else the branch's head).
+async fn export(
+    State(app): State<App>,
+    Path(raw): Path<String>,
+    uri: Uri,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    let project = app.authorized(&headers, &raw).await?;
+    let q = query(&uri)?;
+    let format = q.get("format").map(String::as_str);
+    let (content_type, extension) = match format {
+        Some("tar.gz") => ("application/gzip", "tar.gz"),
+        Some("zip") => ("application/zip", "zip"),
+        Some("webcontainer") => ("application/json", "json"),
+        _ => {
+            return Err(ApiError::bad_request(format!(
+                "format must be tar.gz, zip or webcontainer, got {format:?}"
+            )))
+        }
+    };
+    let commit = match q.get("commit") {
+        Some(c) if (4..=40).contains(&c.len()) && versions::is_hex(c) => {
+            versions::resolve_commit(&app.agent, &project, &c.to_ascii_lowercase()).await?
+        }
+        Some(c) => {
+            return Err(ApiError::bad_request(format!(
+                "commit must be 4 to 40 hex digits, got {c:?}"
+            )))
+        }
+        None => versions::default_export_commit(&app.agent, &project).await?,
+    };
+    let repo = app.agent.repo_path(project.as_str());
+    let disposition = format!(
+        "attachment; filename=\"{project}-{}.{extension}\"",
+        &commit[..12]
+    );
+    let mut r = if extension == "json" {
+        let c = commit.clone();
+        let tree = tokio::task::spawn_blocking(move || {
+            versions::webcontainer(&repo, &c, versions::WEBCONTAINER_LIMIT)
+        })
+        .await
+        .expect("export task")?;
+        Body::from(tree).into_response()
+    } else {
+        let stream = versions::archive(&repo, &commit, extension)
+            .map_err(|e| ApiError::internal("starting git archive", &e))?;
+        let mut r = Body::from_stream(stream).into_response();
+        r.headers_mut().insert(
+            header::CONTENT_DISPOSITION,
+            header::HeaderValue::from_str(&disposition).expect("ids and hex are header-safe"),
+        );
+        r
+    };
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(content_type),
+    );
+    h.insert(
+        "x-kiln-commit",
+        header::HeaderValue::from_str(&commit).expect("hex is header-safe"),
+    );
+    Ok(r)
 }
 
 async fn healthz(State(app): State<App>) -> Response {

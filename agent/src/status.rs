@@ -54,7 +54,27 @@ pub struct LastGood {
     pub commit: String,
     pub build: u64,
     pub preview_url: String,
+    /// When it became the served build (published, or rolled back to).
     pub published_at_ms: u64,
+    /// The URL that shows this build for as long as it is kept, whatever is published later.
+    #[serde(default)]
+    pub pinned_url: Option<String>,
+    /// Set while the preview is rolled back to this build rather than following its branch.
+    #[serde(default)]
+    pub rollback: Option<Rollback>,
+}
+
+/// How the served build came to be an older one than the branch's head.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Rollback {
+    /// The build (and its commit) that was served before.
+    pub from_build: Option<u64>,
+    pub from_commit: Option<String>,
+    pub at_ms: u64,
+    /// The preview branch's head when the rollback was made. Builds that find the branch still
+    /// there keep the rollback (a redelivered webhook, a restart, `POST /build`); a push that
+    /// moves the branch ends it.
+    pub head: Option<String>,
 }
 
 /// One finished build, newest first in [`Status::history`].
@@ -67,6 +87,34 @@ pub struct BuildSummary {
     pub duration_ms: u64,
     pub finished_at_ms: u64,
     pub error: Option<String>,
+    /// Set when the build was published (a build that found its commit already published has
+    /// none).
+    #[serde(default)]
+    pub pinned_url: Option<String>,
+    /// Set when the build was asked for by a rollback and published: the build it replaced.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollback_from: Option<u64>,
+}
+
+impl Rollback {
+    /// The record of serving `commit` in place of `from`, made at `now` while the branch is at
+    /// `head`; None when `commit` is that head (serving the branch again ends a rollback).
+    pub fn after(
+        from: Option<&LastGood>,
+        commit: &str,
+        head: Option<String>,
+        now: u64,
+    ) -> Option<Self> {
+        if head.as_deref() == Some(commit) {
+            return None;
+        }
+        Some(Self {
+            from_build: from.map(|g| g.build),
+            from_commit: from.map(|g| g.commit.clone()),
+            at_ms: now,
+            head,
+        })
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -89,6 +137,16 @@ pub struct Status {
     pub finished_at_ms: Option<u64>,
     pub error: Option<String>,
     pub last_good: Option<LastGood>,
+    /// The commit this build was asked to build instead of the branch's head (a rollback whose
+    /// build was pruned); kept on disk so a restart builds the same commit again.
+    #[serde(default)]
+    pub requested_commit: Option<String>,
+    /// This build's pinned URL, once it is published.
+    #[serde(default)]
+    pub pinned_url: Option<String>,
+    /// Once this build is published as a rollback: the build it replaced.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollback_from: Option<u64>,
     #[serde(default)]
     pub history: Vec<BuildSummary>,
 }
@@ -112,15 +170,22 @@ impl Status {
             finished_at_ms: None,
             error: None,
             last_good: None,
+            requested_commit: None,
+            pinned_url: None,
+            rollback_from: None,
             history: Vec::new(),
         }
     }
 
-    /// Resets the per-build fields for build `build`, keeping `last_good` and history.
-    pub fn begin(&mut self, build: u64) {
+    /// Resets the per-build fields for build `build` of `requested_commit` (None: the branch's
+    /// head), keeping `last_good` and history.
+    pub fn begin(&mut self, build: u64, requested_commit: Option<String>) {
         self.state = State::Queued;
         self.build = build;
         self.commit = None;
+        self.requested_commit = requested_commit;
+        self.pinned_url = None;
+        self.rollback_from = None;
         self.engine = None;
         self.phases.clear();
         self.install = None;
@@ -148,6 +213,8 @@ impl Status {
                 duration_ms: now.saturating_sub(self.started_at_ms.unwrap_or(self.queued_at_ms)),
                 finished_at_ms: now,
                 error: self.error.clone(),
+                pinned_url: self.pinned_url.clone(),
+                rollback_from: self.rollback_from,
             },
         );
         self.history.truncate(HISTORY);

@@ -7,7 +7,8 @@
 //!
 //! Codemap: `server` (HTTP, auth decisions), `receive` (the push path, run as git's pre-receive
 //! hook), `sync` (blob store → local repo), `manifest` and `blob` (the store layout), `auth`
-//! (clients, tokens, ownership), `path_policy` (what is safe to check out), `webhook`.
+//! (clients, tokens, ownership), `path_policy` (what is safe to check out), `webhook`, `systemd`
+//! (readiness and watchdog for both daemons' units) and `logging` (journald fields).
 
 pub mod auth;
 pub mod blob;
@@ -21,6 +22,7 @@ pub mod project;
 pub mod receive;
 pub mod server;
 pub mod sync;
+pub mod systemd;
 pub mod webhook;
 
 pub use blob::BlobStore;

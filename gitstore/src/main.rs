@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use std::future::IntoFuture;
 use std::time::Duration;
 
 use gitstore::compact::CompactOptions;
@@ -99,6 +100,10 @@ struct ServeArgs {
     /// Seconds replaced or orphaned packs stay in the store before deletion.
     #[arg(long, env = "KILN_COMPACT_GRACE_SECS", default_value_t = CompactOptions::default().grace.as_secs())]
     compact_grace_secs: u64,
+    /// On SIGTERM, seconds requests in flight (pushes) may take to finish before the server
+    /// exits anyway; keep it below the unit's TimeoutStopSec= (75 s), or systemd SIGKILLs first.
+    #[arg(long, env = "KILN_GITSTORE_DRAIN_SECS", default_value_t = 60)]
+    drain_secs: u64,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -110,7 +115,55 @@ fn main() -> anyhow::Result<()> {
     }
     gitstore::logging::init("kiln-gitstore");
     let rt = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
-    rt.block_on(run(cli.command))
+    let result = rt.block_on(run(cli.command));
+    // Dropping the runtime would wait for every blocking task, however stuck; the drain deadline
+    // is the promise, so abandon what is left.
+    rt.shutdown_timeout(Duration::from_secs(1));
+    result
+}
+
+/// Serves until SIGTERM, telling systemd when it is ready and while it is alive, then finishes
+/// the requests in flight (pushes: git acknowledges only durable ones, so cutting one off at the
+/// deadline loses nothing the pusher was told is saved).
+async fn serve(cfg: server::Config, drain: Duration) -> anyhow::Result<()> {
+    let listen = cfg.listen;
+    let (store_url, data_dir) = (cfg.store_url.clone(), cfg.data_dir.clone());
+    let app = server::App::new(cfg)?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("binding {listen}"))?;
+    log::info!(listen:% = listen, store = store_url.as_str(), cache:? = data_dir; "kiln-gitstore listening");
+    gitstore::systemd::notify_status(&format!("serving on {listen}"));
+    gitstore::systemd::notify_ready();
+    // The watchdog's own round trip through the runtime and its blocking pool (where git and
+    // file work runs) is gitstore's liveness; the server has no deeper state to vouch for.
+    gitstore::systemd::spawn_watchdog(|| true);
+
+    let (stopping, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = axum::serve(listener, server::router(app))
+        .with_graceful_shutdown(async move {
+            gitstore::systemd::stop_requested().await;
+            log::info!(drain_secs = drain.as_secs(); "stopping: no new connections, finishing requests in flight");
+            gitstore::systemd::notify_status("stopping: finishing requests in flight");
+            let _ = stopping.send(());
+        })
+        .into_future();
+    let deadline = async move {
+        match stopped.await {
+            Ok(()) => tokio::time::sleep(drain).await,
+            // The server ended without a stop request: its own result decides.
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        served = server => served.context("serving")?,
+        () = deadline => log::warn!(
+            "requests still in flight {drain:?} after SIGTERM; exiting without them \
+             (their pushes were not acknowledged, so their clients see an error and retry)"
+        ),
+    }
+    log::info!("stopped");
+    Ok(())
 }
 
 async fn run(command: Command) -> anyhow::Result<()> {
@@ -137,6 +190,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 a.agent_url,
                 a.cors_origin
             );
+            let drain = Duration::from_secs(a.drain_secs);
             let cfg = server::Config {
                 listen: a.listen,
                 store_url: a.store,
@@ -157,7 +211,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                     grace: Duration::from_secs(a.compact_grace_secs),
                 },
             };
-            server::serve(cfg).await?;
+            serve(cfg, drain).await?;
         }
         Command::Sync {
             project,

@@ -126,7 +126,7 @@ pub fn router(app: App) -> Router {
         .route("/metrics", get(metrics))
         .route("/api/clients", post(create_client).get(list_clients))
         .route("/api/clients/{id}", delete(revoke_client))
-        .route("/api/projects", post(create_project))
+        .route("/api/projects", post(create_project).get(list_projects))
         .route("/api/projects/{id}", get(project_info))
         .route("/git/{repo}/info/refs", get(info_refs))
         .route("/git/{repo}/git-upload-pack", post(upload_pack))
@@ -731,8 +731,7 @@ async fn receive_pack(
             if let Some(from) = result.built_on {
                 // The repository already holds exactly this generation: skip the next sync's
                 // manifest read and ref update.
-                if let Err(e) =
-                    sync::mark_synced(&app.repo_dir(&project), from, result.generation)
+                if let Err(e) = sync::mark_synced(&app.repo_dir(&project), from, result.generation)
                 {
                     log::warn!(project:% = project; "cannot record the sync state: {e}");
                 }
@@ -906,6 +905,46 @@ async fn project_info(
         "updated_at": m.updated_at,
     }))
     .into_response())
+}
+
+/// `GET /api/projects`: the caller's projects (every project for the admin token), each with its
+/// owner, HEAD commit and the time its manifest last changed. One listing of `projects/`, then the
+/// owner and latest manifest of each, a few at a time.
+async fn list_projects(State(app): State<App>, headers: HeaderMap) -> ApiResult<Response> {
+    use futures::StreamExt;
+    let who = app.principal(&headers).await?;
+    let ids = app.0.store.projects().await.map_err(ApiError::internal)?;
+    let store = &app.0.store;
+    let rows: Vec<Option<serde_json::Value>> = futures::stream::iter(ids)
+        .map(|project| {
+            let who = &who;
+            async move {
+                let owner = auth::owner(store, &project).await?;
+                if let Principal::Client(c) = who {
+                    if owner.as_ref().is_none_or(|o| o.client != c.id) {
+                        return Ok(None);
+                    }
+                }
+                let m = manifest::latest(store, &project)
+                    .await
+                    .map_err(ApiError::internal)?;
+                let commit = m.head.as_ref().and_then(|h| m.refs.get(h));
+                Ok::<_, ApiError>(Some(serde_json::json!({
+                    "id": project,
+                    "owner": owner.as_ref().map(|o| &o.client),
+                    "created_at": owner.as_ref().map(|o| o.created_at),
+                    "head": m.head,
+                    "commit": commit,
+                    "generation": m.generation,
+                    "updated_at": (m.generation > 0).then_some(m.updated_at),
+                })))
+            }
+        })
+        .buffered(16)
+        .try_collect()
+        .await?;
+    let projects: Vec<_> = rows.into_iter().flatten().collect();
+    Ok(Json(serde_json::json!({ "projects": projects })).into_response())
 }
 
 fn json_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> ApiResult<T> {

@@ -131,7 +131,10 @@ pub fn mark_synced(repo: &Path, from: u64, generation: u64) -> Result<bool, Sync
         return Ok(false);
     }
     state.generation = generation;
-    write_atomic(&state_path, &serde_json::to_vec(&state).expect("serializes"))?;
+    write_atomic(
+        &state_path,
+        &serde_json::to_vec(&state).expect("serializes"),
+    )?;
     Ok(true)
 }
 

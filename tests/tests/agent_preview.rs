@@ -80,7 +80,9 @@ fn a_first_build_shows_a_building_page_until_it_is_ready() {
             saw = Some(p);
             break;
         }
-        if stack.status("fresh")["state"] == "ready" {
+        // The webhook may not have reached the agent yet (404 until it has).
+        let st = stack.agent_http("GET", "/status/fresh");
+        if st.status == 200 && st.json()["state"] == "ready" {
             break;
         }
         std::thread::sleep(Duration::from_millis(5));
