@@ -110,6 +110,8 @@ for _ in $(seq 1 900); do
   sleep 1
 done
 check "build in the agent's sandbox under the unit's hardening (state $state)" "[ '$state' = ready ]"
+check "the build's cgroup is inside the agent's unit ($cg)" "echo '$cg' | grep -q 'kiln-agent.service/builds/'"
+check "the agent runs in its own leaf cgroup" "grep -q 'kiln-agent.service/agent' /proc/\$(systemctl show -p MainPID --value kiln-agent)/cgroup"
 [ "$state" = ready ] || curl -s -H "Authorization: Bearer $TOKEN" 127.0.0.1:7080/logs/shop | tail -30
 check "nginx serves the preview" "curl -fs 127.0.0.1:8080/preview/shop/ | grep -qi '<!doctype html>'"
 check "journal field PROJECT=shop" "journalctl -u kiln-agent PROJECT=shop -o cat --no-pager | grep -q ."

@@ -27,7 +27,7 @@
     msg.project = cfg.project;
     msg.build = cfg.build;
     msg.time = now;
-    msg.url = String(window.location.href);
+    msg.page = String(window.location.href);
     for (var i = 0; i < origins.length; i++) {
       try { window.parent.postMessage(msg, origins[i]); } catch (e) { /* never break the app */ }
     }

@@ -155,6 +155,8 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         engine: a.engine,
     };
     agent::sandbox::check_host().context("this host cannot run build sandboxes")?;
+    let cgroups = agent::sandbox::delegate_cgroups().context("using the delegated cgroup")?;
+    log::info!(cgroups = cgroups.as_str(); "build cgroups go under this parent");
     for d in [&cfg.state_dir, &cfg.publish_dir] {
         std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
     }

@@ -144,8 +144,65 @@ pub enum SandboxError {
     Io(#[from] std::io::Error),
 }
 
-/// The parent of every sandbox cgroup, in every hierarchy.
+/// The parent of every sandbox cgroup, in every hierarchy, unless [`delegate_cgroups`] found a
+/// subtree systemd delegated to the agent.
 const CGROUP_PARENT: &str = "kiln";
+/// Set once by [`delegate_cgroups`]: `<the agent's own cgroup>/builds` on cgroup v2 under systemd.
+static DELEGATED_PARENT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+/// The key in the spec file that tells `sandbox-init` which parent its cgroup is under.
+const PARENT_KEY: &str = "cgroup_parent";
+
+fn cgroup_parent() -> &'static str {
+    DELEGATED_PARENT.get().map_or(CGROUP_PARENT, String::as_str)
+}
+
+/// Under systemd with `Delegate=yes` on cgroup v2, puts build cgroups inside the agent's own
+/// subtree (`<own>/builds/<name>`) instead of `kiln/<name>` at the root, so the unit accounts for
+/// and can kill everything the agent starts. v2 forbids processes in a cgroup whose controllers
+/// are handed down, so the agent moves itself to `<own>/agent` first. Returns the parent used;
+/// on v1, or unless `KILN_CGROUP_DELEGATED=1` says the unit delegated its cgroup, it keeps `kiln`. Call once, at start, before any
+/// build.
+pub fn delegate_cgroups() -> Result<String, SandboxError> {
+    let unified = Path::new(cgroups_rs::fs::cgroup::UNIFIED_MOUNTPOINT);
+    // Set by kiln-agent.service beside `Delegate=yes`: writing into a cgroup systemd did not
+    // delegate would break its single-writer rule, and the files do not say which is which.
+    let delegated = std::env::var("KILN_CGROUP_DELEGATED").as_deref() == Ok("1");
+    if !delegated || !hierarchies::is_cgroup2_unified_mode() {
+        return Ok(CGROUP_PARENT.to_owned());
+    }
+    let own = fs::read_to_string("/proc/self/cgroup")?
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("0::")
+                .map(|p| p.trim().trim_start_matches('/').to_owned())
+        })
+        .unwrap_or_default();
+    if own.is_empty() || own.split('/').any(|c| c == "..") {
+        return Ok(CGROUP_PARENT.to_owned());
+    }
+    let base = unified.join(&own);
+    let cg = |what: &str, e: std::io::Error| SandboxError::Cgroup(format!("{what}: {e}"));
+    let agent = base.join("agent");
+    let builds = base.join("builds");
+    for d in [&agent, &builds] {
+        match fs::create_dir(d) {
+            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+                return Err(cg(&format!("creating {}", d.display()), e))
+            }
+            _ => {}
+        }
+    }
+    fs::write(agent.join("cgroup.procs"), std::process::id().to_string())
+        .map_err(|e| cg(&format!("moving the agent into {}", agent.display()), e))?;
+    for dir in [&base, &builds] {
+        let control = dir.join("cgroup.subtree_control");
+        fs::write(&control, "+memory +pids +cpu")
+            .map_err(|e| cg(&format!("enabling controllers in {}", control.display()), e))?;
+    }
+    let parent = format!("{own}/builds");
+    let _ = DELEGATED_PARENT.set(parent.clone());
+    Ok(parent)
+}
 /// CFS period; the quota is `cpus` of these.
 const CPU_PERIOD_US: u64 = 100_000;
 /// `sandbox-init`'s exit code when a setup step failed (as in `env`, `chroot`, `podman`).
@@ -199,7 +256,9 @@ pub async fn run(
         .prefix("kiln-sandbox-")
         .tempdir_in(parent)?;
     let spec_path = workdir.path().join("spec.json");
-    let json = serde_json::to_vec(spec).map_err(std::io::Error::from)?;
+    let mut json = serde_json::to_value(spec).map_err(std::io::Error::from)?;
+    json[PARENT_KEY] = cgroup_parent().into();
+    let json = serde_json::to_vec(&json).map_err(std::io::Error::from)?;
     fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -215,7 +274,7 @@ pub async fn run(
         workdir: Some(workdir),
     };
     let result = async {
-        guard.group = Some(Group::create(&spec.cgroup, &spec.limits)?);
+        guard.group = Some(Group::create(cgroup_parent(), &spec.cgroup, &spec.limits)?);
         let group = guard.group.as_ref().expect("just set");
         let ended = supervise(exe, spec, &spec_path, group, output, cancel).await?;
         group.kill_and_wait(CLEANUP_GRACE).await;
@@ -539,25 +598,21 @@ impl Group {
         names.iter().map(|s| s.to_string()).collect()
     }
 
-    fn relative(name: &str) -> String {
-        format!("{CGROUP_PARENT}/{name}")
-    }
-
     /// A handle on an existing (or not yet created) group.
-    fn load(name: &str) -> Self {
+    fn load(parent: &str, name: &str) -> Self {
         let hier = hierarchies::auto();
         let v2 = hier.v2();
         let cg = Cgroup::load_with_specified_controllers(
             hier,
-            Self::relative(name),
+            format!("{parent}/{name}"),
             Self::controllers(v2),
         );
         Self { cg, v2 }
     }
 
     /// Step 2: creates the group with the spec's limits.
-    fn create(name: &str, limits: &Limits) -> Result<Self, SandboxError> {
-        let stale = Self::load(name);
+    fn create(parent: &str, name: &str, limits: &Limits) -> Result<Self, SandboxError> {
+        let stale = Self::load(parent, name);
         if stale.cg.exists() {
             // Left by a crashed agent: nothing in it may keep running.
             log::warn!("sandbox: removing stale cgroup {}", stale.path());
@@ -571,12 +626,13 @@ impl Group {
         }
         let hier = hierarchies::auto();
         let v2 = hier.v2();
-        let cg = CgroupBuilder::new(&Self::relative(name))
+        let relative = format!("{parent}/{name}");
+        let cg = CgroupBuilder::new(&relative)
             .set_specified_controllers(Self::controllers(v2))
             .build(hier)
-            .map_err(|e| SandboxError::Cgroup(format!("creating {}: {e}", Self::relative(name))))?;
+            .map_err(|e| SandboxError::Cgroup(format!("creating {relative}: {e}")))?;
         let group = Self { cg, v2 };
-        if let Err(e) = group.configure(limits) {
+        if let Err(e) = group.configure(parent, limits) {
             let _ = group.remove();
             return Err(e);
         }
@@ -591,7 +647,7 @@ impl Group {
         SandboxError::Cgroup(format!("{} {what}: {e}", self.path()))
     }
 
-    fn configure(&self, limits: &Limits) -> Result<(), SandboxError> {
+    fn configure(&self, parent: &str, limits: &Limits) -> Result<(), SandboxError> {
         for name in Self::controllers(self.v2) {
             if !self
                 .cg
@@ -606,7 +662,7 @@ impl Group {
             }
         }
         if self.v2 {
-            self.check_subtree_control()?;
+            self.check_subtree_control(parent)?;
         }
         let mem: &MemController = self.controller()?;
         let bytes = i64::try_from(limits.memory_bytes).unwrap_or(i64::MAX);
@@ -637,9 +693,9 @@ impl Group {
     }
 
     /// On v2 the parent must hand memory, pids and cpu down, or the limits files do not exist.
-    fn check_subtree_control(&self) -> Result<(), SandboxError> {
+    fn check_subtree_control(&self, parent: &str) -> Result<(), SandboxError> {
         let parent = Path::new(cgroups_rs::fs::cgroup::UNIFIED_MOUNTPOINT)
-            .join(CGROUP_PARENT)
+            .join(parent)
             .join("cgroup.subtree_control");
         let current = fs::read_to_string(&parent).unwrap_or_default();
         for c in ["memory", "pids", "cpu"] {
@@ -796,15 +852,21 @@ impl Report {
 /// `kiln-agent sandbox-init <spec.json>`: PID 1 of the sandbox. Returns the process exit code.
 pub fn init_main(spec_path: &std::path::Path) -> i32 {
     let mut report = Report::open(spec_path);
-    let spec: Spec = match fs::read(spec_path)
+    let parsed = fs::read(spec_path)
         .step(|| format!("reading {}", spec_path.display()))
         .and_then(|b| {
-            serde_json::from_slice(&b).step(|| format!("parsing {}", spec_path.display()))
-        }) {
-        Ok(spec) => spec,
+            let v: serde_json::Value =
+                serde_json::from_slice(&b).step(|| format!("parsing {}", spec_path.display()))?;
+            let parent = v[PARENT_KEY].as_str().unwrap_or(CGROUP_PARENT).to_owned();
+            let spec: Spec =
+                serde_json::from_value(v).step(|| format!("parsing {}", spec_path.display()))?;
+            Ok((spec, parent))
+        });
+    let (spec, parent) = match parsed {
+        Ok(p) => p,
         Err(e) => return report.setup_failed(e),
     };
-    if let Err(e) = setup(&spec) {
+    if let Err(e) = setup(&spec, &parent) {
         return report.setup_failed(e);
     }
     // Step 7: the command, unprivileged, with only its own environment.
@@ -842,10 +904,10 @@ pub fn init_main(spec_path: &std::path::Path) -> i32 {
 }
 
 /// Steps 1 to 6 of `sandbox-init`.
-fn setup(spec: &Spec) -> Step {
+fn setup(spec: &Spec, cgroup_parent: &str) -> Step {
     // 1. The cgroup first: from here on everything is counted and killable. Our pid is 1 in
     //    this namespace; the kernel reads a pid written to cgroup.procs in the writer's namespace.
-    let group = Group::load(&spec.cgroup);
+    let group = Group::load(cgroup_parent, &spec.cgroup);
     if !group.cg.exists() {
         return Err(StepError {
             what: format!("joining cgroup {}", group.path()),

@@ -2,17 +2,19 @@
 
 use std::fmt;
 
-/// A validated project id: `[a-z0-9][a-z0-9-]{0,62}`.
+/// A validated project id: `[a-z0-9][a-z0-9-]{0,62}` without `--`.
 ///
 /// The rule makes one string safe everywhere a project name appears: a DNS label (preview origins),
-/// a URL path segment, a blob-storage prefix and a directory name. Parsing is the only way to get one.
+/// a URL path segment, a blob-storage prefix and a directory name. `--` is reserved: pinned build
+/// hosts are `<build>--<project>`, which must never name another project. Parsing is the only way
+/// to get one.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
 #[serde(transparent)]
 pub struct ProjectId(String);
 
 /// The id broke the naming rule; the message states the rule so a client can fix its request.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid project id {shown:?}: use 1 to 63 characters from a-z, 0-9 and '-', starting with a letter or digit")]
+#[error("invalid project id {shown:?}: use 1 to 63 characters from a-z, 0-9 and '-', starting with a letter or digit, with no '--'")]
 pub struct InvalidProjectId {
     shown: String,
 }
@@ -24,7 +26,8 @@ impl ProjectId {
             && b.len() <= 63
             && (b[0].is_ascii_lowercase() || b[0].is_ascii_digit())
             && b.iter()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-');
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+            && !s.contains("--");
         if ok {
             Ok(Self(s.to_owned()))
         } else {
@@ -79,6 +82,8 @@ mod tests {
             " a",
             "a ",
             &"x".repeat(64),
+            "7--shop",
+            "a--b",
         ] {
             let err = ProjectId::parse(bad).unwrap_err().to_string();
             assert!(err.contains("a-z, 0-9 and '-'"), "{bad}: {err}");
@@ -90,7 +95,8 @@ mod tests {
         fn parse_agrees_with_the_regex(s in "\\PC{0,70}") {
             let re_ok = !s.is_empty() && s.len() <= 63
                 && s.chars().next().is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
-                && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+                && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+                && !s.contains("--");
             prop_assert_eq!(ProjectId::parse(&s).is_ok(), re_ok);
         }
     }

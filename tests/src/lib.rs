@@ -9,6 +9,7 @@
 //! - [`Gitstore`] (with [`Options`]): a running node; [`Gitstore::git_url`],
 //!   [`Gitstore::create_client`], [`Gitstore::http`], [`Gitstore::store_dir`], [`Gitstore::kill`].
 //! - [`Azurite`]: a running Azurite blob service with [`Azurite::create_container`].
+//! - [`Nginx`]: a real nginx running the configuration `kiln nginx render` makes.
 //! - [`Repo`]: a git working repository driven through the CLI; [`vite_app`] makes one with a
 //!   small Vite + React app committed on `main`.
 //! - [`http`]: a minimal HTTP/1.1 client (std only); [`Response`].
@@ -1186,6 +1187,180 @@ fn copy_dir(src: &Path, dst: &Path) {
             copy_dir(&e.path(), &to);
         } else {
             std::fs::copy(e.path(), &to).expect("copy fixture file");
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// nginx, with the configuration `kiln nginx render` makes
+// ---------------------------------------------------------------------------------------------
+
+/// A running nginx serving a publish directory with Kiln's rendered configuration, on
+/// 127.0.0.1:`port` as a plain foreground process (its pid file, temporary files and logs in its
+/// own temp dir). Master and workers are killed on drop.
+pub struct Nginx {
+    child: Child,
+    port: u16,
+    conf: String,
+    dir: tempfile::TempDir,
+}
+
+impl Nginx {
+    /// Renders the configuration for `publish_dir` with `render_args` added (e.g.
+    /// `["--preview-url", "http://{project}.preview.test"]`), starts nginx on 127.0.0.1:`port`
+    /// and waits (10 s at most) until it answers HTTP.
+    ///
+    /// Run as root, nginx's workers drop to www-data as in production: every directory above
+    /// `publish_dir` must let others through (mode o+x), as the agent's 0711 state dir does.
+    pub fn start(port: u16, publish_dir: &Path, render_args: &[&str]) -> Self {
+        let nginx = nginx_bin();
+        check_workers_can_reach(publish_dir);
+        let dir = tempfile::Builder::new()
+            .prefix("kiln-nginx-")
+            .tempdir()
+            .expect("temp dir");
+        let runtime = dir.path().join("run");
+        std::fs::create_dir(&runtime).expect("runtime dir");
+        for d in [dir.path(), runtime.as_path()] {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755))
+                .expect("chmod nginx dirs");
+        }
+        let conf_path = dir.path().join("nginx.conf");
+        let mut render = Command::new(bin("kiln"));
+        hermetic_env(&mut render);
+        let out = run(render
+            .args(["nginx", "render", "--out"])
+            .arg(&conf_path)
+            .args(["--http-listen", &format!("127.0.0.1:{port}")])
+            .arg("--publish-dir")
+            .arg(publish_dir)
+            .arg("--runtime-dir")
+            .arg(&runtime)
+            .arg("--error-log")
+            .arg(dir.path().join("error.log"))
+            .arg("--access-log")
+            .arg(dir.path().join("access.log"))
+            .args(render_args));
+        assert!(out.ok, "kiln nginx render failed:\n{}", out.stderr);
+        let conf = std::fs::read_to_string(&conf_path).expect("rendered nginx.conf");
+        let log = std::fs::File::create(dir.path().join("nginx.out")).expect("log file");
+        let child = Command::new(&nginx)
+            .arg("-c")
+            .arg(&conf_path)
+            .args(["-g", "daemon off;"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log file"))
+            .stderr(log)
+            .process_group(0)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {}: {e}", nginx.display()));
+        let mut n = Self {
+            child,
+            port,
+            conf,
+            dir,
+        };
+        n.wait_answering();
+        n
+    }
+
+    /// Answering means our master wrote its pid file (after binding the port) and a request got
+    /// a response: a bare connect could reach another program that holds the port.
+    fn wait_answering(&mut self) {
+        let pid_file = self.dir.path().join("run/nginx.pid");
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(10) {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "nginx exited ({status}) on 127.0.0.1:{}:\n{}\n{}",
+                    self.port,
+                    tail(&self.dir.path().join("nginx.out"), 20),
+                    tail(&self.dir.path().join("error.log"), 20)
+                );
+            }
+            let ours = std::fs::read_to_string(&pid_file)
+                .is_ok_and(|p| p.trim() == self.child.id().to_string());
+            if ours && try_http("GET", &format!("{}/", self.base_url()), &[], b"").is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!(
+            "nginx did not answer on 127.0.0.1:{} within 10 s:\n{}",
+            self.port,
+            tail(&self.dir.path().join("error.log"), 20)
+        );
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `http://127.0.0.1:<port>`.
+    pub fn base_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// The nginx.conf it runs, as rendered.
+    pub fn conf(&self) -> &str {
+        &self.conf
+    }
+
+    /// nginx's error log so far.
+    pub fn error_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("error.log")).unwrap_or_default()
+    }
+
+    /// A GET of `path` (starting with `/`) with extra headers.
+    pub fn get(&self, path: &str, headers: &[(&str, &str)]) -> Response {
+        http("GET", &format!("{}{path}", self.base_url()), headers, b"")
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        kill_group(&mut self.child);
+        if std::thread::panicking() {
+            eprintln!(
+                "--- nginx on port {}: error log ---\n{}\n--- access log ---\n{}\n---",
+                self.port,
+                tail(&self.dir.path().join("error.log"), 30),
+                tail(&self.dir.path().join("access.log"), 30)
+            );
+        }
+    }
+}
+
+/// nginx lives in /usr/sbin, which is not on every user's PATH.
+pub fn nginx_bin() -> PathBuf {
+    let sbin = Path::new("/usr/sbin/nginx");
+    let on_path = std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join("nginx").is_file()));
+    if !on_path && sbin.is_file() {
+        return sbin.to_owned();
+    }
+    require_tool("nginx", "apt-get install -y nginx");
+    PathBuf::from("nginx")
+}
+
+/// Fails early, naming the directory, when workers that drop to www-data could not reach
+/// `publish_dir`; nginx itself would only answer 403.
+fn check_workers_can_reach(publish_dir: &Path) {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let root = std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0);
+    if !root {
+        return;
+    }
+    for dir in publish_dir.ancestors() {
+        if let Ok(m) = std::fs::metadata(dir) {
+            assert!(
+                m.permissions().mode() & 0o001 != 0,
+                "nginx's workers (www-data) cannot reach {}: {} is mode {:o}; chmod o+x it",
+                publish_dir.display(),
+                dir.display(),
+                m.permissions().mode() & 0o7777
+            );
         }
     }
 }
