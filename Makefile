@@ -12,6 +12,7 @@ down:
 test: deps-test
 	$(CARGO) build --workspace --bins
 	$(CARGO) fmt --all -- --check
+	shellcheck provisioning/*.sh systemd/*.sh .ci/run
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	$(CARGO) test --workspace
 

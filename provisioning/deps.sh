@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what Kiln needs on Debian/Ubuntu, skipping what is already there.
 #   deps.sh        what `make up` needs: git, curl, openssl, util-linux (unshare), Node.js, pnpm, nginx
-#   deps.sh test   also what the tests need: Azurite, the JavaScript git clients, Chromium
+#   deps.sh test   also what the tests need: Azurite, the JavaScript git clients, Chromium,
+#                  debootstrap (install.sh runs in a fresh Debian root) and shellcheck
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PNPM_VERSION=10.34.9
@@ -17,7 +18,11 @@ command -v npm >/dev/null || need_apt+=(npm)
 # nginx serves the previews (in /usr/sbin, which a user's PATH may lack).
 command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need_apt+=(nginx)
 # The browser tests drive Debian's Chromium through playwright-core.
-if [ "${1:-}" = test ]; then [ -x /usr/bin/chromium ] || need_apt+=(chromium); fi
+if [ "${1:-}" = test ]; then
+  [ -x /usr/bin/chromium ] || need_apt+=(chromium)
+  command -v debootstrap >/dev/null || [ -x /usr/sbin/debootstrap ] || need_apt+=(debootstrap)
+  command -v shellcheck >/dev/null || need_apt+=(shellcheck)
+fi
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "installing ${need_apt[*]}" >&2
   sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo
@@ -34,6 +39,7 @@ if [ "${1:-}" = test ]; then
   command -v azurite-blob >/dev/null || npm install -g --silent azurite@3.35.0
   # Real JavaScript git clients for the client-compatibility tests and playwright-core for the
   # browser test, pinned by the lockfile.
-  [ -d tests/js/node_modules/isomorphic-git ] && [ -d tests/js/node_modules/playwright-core ] \
-    || (cd tests/js && npm ci --silent --no-audit --no-fund)
+  if [ ! -d tests/js/node_modules/isomorphic-git ] || [ ! -d tests/js/node_modules/playwright-core ]; then
+    (cd tests/js && npm ci --silent --no-audit --no-fund)
+  fi
 fi

@@ -154,8 +154,8 @@ chroot "$R" systemctl enable -q systemd-networkd systemd-networkd-wait-online \
 chroot "$R" passwd -d root >/dev/null
 
 rm -f "$work/disk.img" && truncate -s 5G "$work/disk.img" && mkfs.ext4 -q -d "$R" "$work/disk.img"
-kernel=$(ls "$R"/boot/vmlinuz-* | head -1)
-initrd=$(ls "$R"/boot/initrd.img-* | head -1)
+kernel=$(find "$R/boot" -maxdepth 1 -name 'vmlinuz-*' | sort | head -1)
+initrd=$(find "$R/boot" -maxdepth 1 -name 'initrd.img-*' | sort | head -1)
 timeout 1800 qemu-system-x86_64 -accel tcg -m 4096 -smp 2 -nographic -no-reboot \
   -kernel "$kernel" -initrd "$initrd" -drive "file=$work/disk.img,format=raw,if=virtio" \
   -netdev user,id=n0 -device virtio-net-pci,netdev=n0 \

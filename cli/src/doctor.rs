@@ -565,7 +565,7 @@ fn nginx(settings: &Settings) -> Check {
             return Check::fail(
                 NAME,
                 "nginx is not installed",
-                "apt-get install nginx-light (it serves the previews)",
+                "apt-get install nginx (it serves the previews)",
             )
         }
     };
