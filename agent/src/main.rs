@@ -78,6 +78,10 @@ struct ServeArgs {
     /// Builds at once (default: sized from CPUs and memory).
     #[arg(long, env = "KILN_CONCURRENCY")]
     concurrency: Option<usize>,
+    /// On SIGTERM, how long running builds may go on before they are cancelled and left queued
+    /// for the next start (keep it under the unit's TimeoutStopSec= minus 20 s).
+    #[arg(long, env = "KILN_SHUTDOWN_GRACE_SECS", default_value_t = 60)]
+    shutdown_grace_secs: u64,
     #[arg(long, env = "KILN_KEEP_BUILDS", default_value_t = 5)]
     keep_builds: usize,
     #[arg(long, env = "KILN_LOG_LIMIT_MB", default_value_t = 8)]
@@ -192,7 +196,7 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
     // Stop budget, inside the unit's TimeoutStopSec= (90 s): HTTP drain, then running builds,
     // then up to 10 s for cancelled sandboxes to be cleaned up.
     const HTTP_DRAIN: Duration = Duration::from_secs(10);
-    const BUILD_GRACE: Duration = Duration::from_secs(60);
+    let build_grace = Duration::from_secs(a.shutdown_grace_secs);
     use gitstore::systemd;
     systemd::notify_status(&format!("serving on {}", a.listen));
     systemd::notify_ready();
@@ -203,7 +207,7 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
     let server = axum::serve(listener, agent::server::router(agent.clone()))
         .with_graceful_shutdown(async move {
             systemd::stop_requested().await;
-            log::info!("stopping: no new requests, then running builds get {BUILD_GRACE:?}");
+            log::info!("stopping: no new requests, then running builds get {build_grace:?}");
             systemd::notify_status("stopping: finishing requests and running builds");
             let _ = stopping.send(());
         });
@@ -218,7 +222,7 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         served = std::future::IntoFuture::into_future(server) => served?,
         () = drain_deadline => log::info!("stopping: dropping HTTP connections still open after {HTTP_DRAIN:?}"),
     }
-    agent.shutdown(BUILD_GRACE).await;
+    agent.shutdown(build_grace).await;
     log::info!("stopped");
     Ok(())
 }

@@ -359,3 +359,67 @@ fn contains_an_agent_crash_mid_build_and_redoes_the_build_after_restart() {
         "scratch of the interrupted build was cleaned"
     );
 }
+
+/// SIGTERM, as `systemctl stop` sends: builds get the grace, then are cancelled and left queued,
+/// the agent exits 0, and the next start builds them.
+#[test]
+fn a_stop_requeues_a_build_past_its_grace_and_the_next_start_builds_it() {
+    let mut stack = Stack::start_with(&["--shutdown-grace-secs", "1"]);
+    let tmp = tempfile::tempdir().unwrap();
+    let app = fixture_app(&tmp.path().join("app"));
+    app.commit_file(
+        "vite.config.ts",
+        "import { defineConfig } from 'vite'\nimport react from '@vitejs/plugin-react'\nawait new Promise(r => setTimeout(r, 8000))\nexport default defineConfig({ plugins: [react()] })\n",
+    );
+    stack.push(&app, "stopping");
+    let started = std::time::Instant::now();
+    loop {
+        let st = stack.agent_http("GET", "/status/stopping");
+        if st.status == 200 && st.json()["state"] == "building" {
+            break;
+        }
+        assert!(
+            started.elapsed() < COLD,
+            "never started building: {}",
+            st.body
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let term = std::process::Command::new("kill")
+        .args(["-TERM", &stack.agent.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    let signalled = std::time::Instant::now();
+    let exit = loop {
+        if let Some(status) = stack.agent.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            signalled.elapsed() < Duration::from_secs(30),
+            "the agent did not stop within its grace and clean-up:\n{}",
+            stack.agent_log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(
+        exit.success(),
+        "a stop is a clean exit: {exit}\n{}",
+        stack.agent_log()
+    );
+    assert!(
+        stack.sandbox_processes().is_empty(),
+        "no build outlives the agent: {:?}",
+        stack.sandbox_processes()
+    );
+    let on_disk: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(stack.state_dir().join("projects/stopping/status.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(on_disk["state"], "queued", "left queued: {on_disk:#}");
+
+    stack.restart_agent();
+    let st = stack.wait_settled("stopping", &app.head(), COLD);
+    assert_eq!(st["state"], "ready", "the next start built it: {st:#}");
+}
