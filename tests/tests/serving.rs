@@ -935,6 +935,21 @@ fn front_door_proxies_git_pushes_and_health_checks() {
     let r = n.get("/api/projects/site", &[("Authorization", &auth)]);
     assert_eq!(r.status, 200, "{}", r.body);
     assert!(r.body.contains(&app.head()), "{}", r.body);
+    // The agent answers a project's versions, rollback, export and the event stream (no agent
+    // here: nginx's 502 shows where they went); the rest of /api/ is gitstore's.
+    for agent_route in [
+        "/api/projects/site/versions",
+        "/api/projects/site/export",
+        "/api/events",
+        "/api/notifications/deliveries",
+    ] {
+        let r = n.get(agent_route, &[("Authorization", &auth)]);
+        assert_eq!(r.status, 502, "{agent_route} goes to the agent: {}", r.body);
+    }
+    assert_eq!(
+        n.get("/api/projects", &[("Authorization", &auth)]).status,
+        200
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
