@@ -178,6 +178,12 @@ fn units_have_the_hardening_the_deployment_relies_on() {
     let s = settings(unit);
     assert!(!s.contains_key("User"), "the sandbox needs root");
     assert_eq!(one(&s, unit, "Delegate"), "yes");
+    assert!(
+        one(&s, unit, "Environment")
+            .split_whitespace()
+            .any(|kv| kv == "KILN_CGROUP_DELEGATED=1"),
+        "{unit}: the agent must be told its cgroup is delegated, or builds land outside the unit"
+    );
     assert_eq!(one(&s, unit, "OOMPolicy"), "continue");
     assert_eq!(one(&s, unit, "StateDirectory"), "kiln-agent");
     let env = one(&s, unit, "Environment");
