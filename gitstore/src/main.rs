@@ -221,7 +221,13 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let project = ProjectId::parse(&project)?;
             let store = BlobStore::open(&store)?;
             let started = std::time::Instant::now();
-            let r = gitstore::sync::sync_repo(&store, &project, &dir).await?;
+            let bar = ProgressLine::new();
+            let r =
+                gitstore::sync::sync_repo_with_progress(&store, &project, &dir, &|done, total| {
+                    bar.show(done, total)
+                })
+                .await?;
+            bar.finish();
             println!(
                 "synced {project} to generation {}: {} packs, {} objects, {} bytes fetched, {} refs changed in {:.0?}",
                 r.generation, r.packs_fetched, r.objects_fetched, r.bytes_fetched, r.refs_changed,
@@ -260,4 +266,47 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Hook { .. } => unreachable!("handled before logging starts"),
     }
     Ok(())
+}
+
+/// A one-line progress bar on stderr for a cold sync, drawn only when stderr is a terminal.
+struct ProgressLine {
+    tty: bool,
+    last: std::sync::Mutex<(std::time::Instant, bool)>,
+}
+
+impl ProgressLine {
+    fn new() -> Self {
+        use std::io::IsTerminal;
+        Self {
+            tty: std::io::stderr().is_terminal(),
+            last: std::sync::Mutex::new((std::time::Instant::now(), false)),
+        }
+    }
+
+    fn show(&self, done: u64, total: u64) {
+        if !self.tty || total == 0 {
+            return;
+        }
+        let mut last = self.last.lock().expect("progress lock");
+        // Redraw at most 20 times a second, and always at the end.
+        if done < total && last.0.elapsed() < std::time::Duration::from_millis(50) {
+            return;
+        }
+        *last = (std::time::Instant::now(), true);
+        let width = 30;
+        let filled = (done.saturating_mul(width) / total) as usize;
+        eprint!(
+            "\r  fetching packs [{}{}] {:.1}/{:.1} MiB",
+            "#".repeat(filled),
+            ".".repeat(width as usize - filled),
+            done as f64 / 1048576.0,
+            total as f64 / 1048576.0
+        );
+    }
+
+    fn finish(&self) {
+        if self.last.lock().expect("progress lock").1 {
+            eprintln!();
+        }
+    }
 }

@@ -67,6 +67,17 @@ pub async fn sync_repo(
     project: &ProjectId,
     repo: &Path,
 ) -> Result<SyncReport, SyncError> {
+    sync_repo_with_progress(store, project, repo, &|_, _| {}).await
+}
+
+/// [`sync_repo`], calling `progress(fetched, total)` as pack bytes arrive, for a progress bar
+/// over a cold materialization.
+pub async fn sync_repo_with_progress(
+    store: &BlobStore,
+    project: &ProjectId,
+    repo: &Path,
+    progress: &(dyn Fn(u64, u64) + Send + Sync),
+) -> Result<SyncReport, SyncError> {
     git::init_bare(repo).await?;
     let state_path = repo.join(STATE_FILE);
     let mut state: LocalState = std::fs::read(&state_path)
@@ -87,6 +98,19 @@ pub async fn sync_repo(
         ..Default::default()
     };
     let pack_dir = repo.join("objects/pack");
+    let total: u64 = m
+        .packs
+        .iter()
+        .filter(|e| {
+            !pack_dir.join(format!("{}.idx", e.name)).is_file() && !state.covered.contains(&e.name)
+        })
+        .map(|e| e.pack_size + e.idx_size)
+        .sum();
+    let fetched = std::sync::atomic::AtomicU64::new(0);
+    let add = |n: u64| {
+        let now = fetched.fetch_add(n, std::sync::atomic::Ordering::Relaxed) + n;
+        progress(now.min(total), total);
+    };
     for entry in &m.packs {
         let have = |name: &str| {
             pack_dir.join(format!("{name}.idx")).is_file() || state.covered.contains(name)
@@ -98,7 +122,7 @@ pub async fn sync_repo(
             state.covered.insert(entry.name.clone());
             continue;
         }
-        report.bytes_fetched += download_pack(store, project, entry, &pack_dir).await?;
+        report.bytes_fetched += download_pack(store, project, entry, &pack_dir, &add).await?;
         report.packs_fetched += 1;
         report.objects_fetched += entry.objects;
     }
@@ -170,12 +194,13 @@ async fn download_pack(
     project: &ProjectId,
     entry: &PackEntry,
     pack_dir: &Path,
+    add: &(dyn Fn(u64) + Send + Sync),
 ) -> Result<u64, SyncError> {
     let tmp_pack = pack_dir.join(format!(".kiln-tmp-{}.pack", entry.name));
     let tmp_idx = pack_dir.join(format!(".kiln-tmp-{}.idx", entry.name));
     let result = async {
-        let a = fetch_verified(store, project, entry, "pack", &tmp_pack).await?;
-        let b = fetch_verified(store, project, entry, "idx", &tmp_idx).await?;
+        let a = fetch_verified(store, project, entry, "pack", &tmp_pack, add).await?;
+        let b = fetch_verified(store, project, entry, "idx", &tmp_idx, add).await?;
         rename(&tmp_pack, &pack_dir.join(format!("{}.pack", entry.name)))?;
         rename(&tmp_idx, &pack_dir.join(format!("{}.idx", entry.name)))?;
         sync_dir(pack_dir)?;
@@ -195,6 +220,7 @@ async fn fetch_verified(
     entry: &PackEntry,
     ext: &str,
     dest: &Path,
+    add: &(dyn Fn(u64) + Send + Sync),
 ) -> Result<u64, SyncError> {
     let (size, sha) = match ext {
         "pack" => (entry.pack_size, &entry.pack_sha256),
@@ -220,6 +246,7 @@ async fn fetch_verified(
                 return Err(std::io::Error::other("larger than the manifest records"));
             }
             hasher.update(chunk);
+            add(chunk.len() as u64);
             file.write_all(chunk)
         })
         .await
