@@ -69,6 +69,9 @@ pub struct Agent {
     changed: watch::Sender<u64>,
     /// Set by [`Agent::shutdown`]: no new build starts.
     stopping: AtomicBool,
+    /// State transitions, for `/api/events` and notifications.
+    pub(crate) events: crate::events::Events,
+    pub(crate) notifier: crate::notify::Notifier,
 }
 
 /// What a rollback asks for.
@@ -108,9 +111,10 @@ pub enum Requested {
 }
 
 impl Agent {
+    /// Call within a tokio runtime: the notification task starts here.
     pub fn new(cfg: Config, store: BlobStore, exe: PathBuf) -> Arc<Self> {
         let permits = Arc::new(Semaphore::new(cfg.concurrency));
-        Arc::new(Self {
+        let agent = Arc::new(Self {
             cfg,
             store,
             exe,
@@ -121,7 +125,11 @@ impl Agent {
             permits,
             changed: watch::channel(0).0,
             stopping: AtomicBool::new(false),
-        })
+            events: crate::events::Events::new(),
+            notifier: crate::notify::Notifier::new(),
+        });
+        crate::notify::start(&agent);
+        agent
     }
 
     pub(crate) fn project_dir(&self, project: &str) -> PathBuf {
@@ -169,6 +177,7 @@ impl Agent {
             return Some(s.clone());
         }
         let status = Status::load(&self.status_path(project))?;
+        self.events.seen(&status);
         let next_build = status
             .history
             .first()
@@ -224,6 +233,9 @@ impl Agent {
         }
         if let Err(e) = status.save(&path) {
             log::error!(project, error:% = e; "cannot save status");
+        }
+        if let Some(event) = self.events.observe(&self.cfg, status) {
+            self.notifier.send(&event);
         }
         self.changed.send_modify(|n| *n += 1);
     }

@@ -5,14 +5,18 @@
 //! (namespaces, cgroups, uid drop), `publish` (atomic switch of the served build, pruning, the
 //! union of kept builds' assets behind pinned URLs), `status` (persisted status and bounded
 //! logs), `versions` (the preview branch's commits with their builds, exports as archives and
-//! WebContainer trees), `config`, `metrics`.
+//! WebContainer trees), `events` (build state transitions: the `/api/events` feed and its
+//! resumable ring), `notify` (signed, retried notifications to the URL a client registered),
+//! `config`, `metrics`.
 
 mod agent;
 pub mod checkout;
 pub mod config;
 mod engine;
+mod events;
 mod fsutil;
 mod metrics;
+mod notify;
 mod pipeline;
 pub mod preview;
 pub mod publish;

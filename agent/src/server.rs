@@ -1,6 +1,6 @@
 //! The agent's HTTP API: the signed sync webhook, status, logs, rebuild and cancel, versions,
-//! rollback and export, health and metrics. Errors are JSON `{error, message}` with a status
-//! code that says what went wrong.
+//! rollback and export, the live event stream and notification deliveries, health and metrics.
+//! Errors are JSON `{error, message}` with a status code that says what went wrong.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -147,6 +147,8 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/api/projects/{project}/versions", get(list_versions))
         .route("/api/projects/{project}/rollback", post(rollback))
         .route("/api/projects/{project}/export", get(export))
+        .route("/api/events", get(events))
+        .route("/api/notifications/deliveries", get(deliveries))
         .layer(DefaultBodyLimit::max(64 << 10))
         .with_state(app)
 }
@@ -159,43 +161,10 @@ fn project_id(raw: &str) -> ApiResult<ProjectId> {
 impl App {
     /// Allows the admin token, or a client token of the client that owns `project`.
     async fn authorize(&self, headers: &HeaderMap, project: &ProjectId) -> ApiResult<()> {
-        let token = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim)
-            .ok_or_else(|| {
-                ApiError::unauthorized("send your Kiln token as `Authorization: Bearer <token>`")
-            })?;
-        if let Some(admin) = &self.agent.cfg.admin_token_sha256 {
-            if gitstore::auth::token_matches(token, admin) {
-                return Ok(());
-            }
-        }
-        let cached = {
-            let cache = self.tokens.lock().expect("token cache");
-            cache
-                .get(token)
-                .filter(|(at, _)| at.elapsed() < TOKEN_TTL)
-                .map(|(_, c)| c.clone())
+        let client = match self.caller(headers).await? {
+            Caller::Admin => return Ok(()),
+            Caller::Client(c) => c,
         };
-        let client = match cached {
-            Some(c) => c,
-            None => {
-                let c = gitstore::auth::authenticate(&self.agent.store, token)
-                    .await
-                    .ok()
-                    .map(|c| c.id);
-                let mut cache = self.tokens.lock().expect("token cache");
-                if cache.len() > 10_000 {
-                    cache.clear();
-                }
-                cache.insert(token.to_owned(), (Instant::now(), c.clone()));
-                c
-            }
-        };
-        let client =
-            client.ok_or_else(|| ApiError::unauthorized("the token is unknown or revoked"))?;
         let owner = gitstore::auth::owner(&self.agent.store, project)
             .await
             .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "store", e.to_string()))?;
@@ -642,4 +611,239 @@ async fn metrics(State(app): State<App>) -> Response {
         app.agent.metrics.render(),
     )
         .into_response()
+}
+
+/// Who is calling the routes that are not about one project.
+enum Caller {
+    Admin,
+    Client(String),
+}
+
+impl App {
+    /// The admin token, or the client a token belongs to (checked against the blob store,
+    /// cached for [`TOKEN_TTL`]).
+    async fn caller(&self, headers: &HeaderMap) -> ApiResult<Caller> {
+        let token = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim)
+            .ok_or_else(|| {
+                ApiError::unauthorized("send your Kiln token as `Authorization: Bearer <token>`")
+            })?;
+        if let Some(admin) = &self.agent.cfg.admin_token_sha256 {
+            if gitstore::auth::token_matches(token, admin) {
+                return Ok(Caller::Admin);
+            }
+        }
+        let cached = {
+            let cache = self.tokens.lock().expect("token cache");
+            cache
+                .get(token)
+                .filter(|(at, _)| at.elapsed() < TOKEN_TTL)
+                .map(|(_, c)| c.clone())
+        };
+        let client = match cached {
+            Some(c) => c,
+            None => {
+                let c = gitstore::auth::authenticate(&self.agent.store, token)
+                    .await
+                    .ok()
+                    .map(|c| c.id);
+                let mut cache = self.tokens.lock().expect("token cache");
+                if cache.len() > 10_000 {
+                    cache.clear();
+                }
+                cache.insert(token.to_owned(), (Instant::now(), c.clone()));
+                c
+            }
+        };
+        client
+            .map(Caller::Client)
+            .ok_or_else(|| ApiError::unauthorized("the token is unknown or revoked"))
+    }
+
+    /// Whether `caller` may see `project`'s events: the admin all, a client those it owns.
+    async fn may_see(&self, caller: &Caller, project: &str) -> ApiResult<bool> {
+        let Caller::Client(client) = caller else {
+            return Ok(true);
+        };
+        let owner = self
+            .agent
+            .events
+            .owner(&self.agent.store, project)
+            .await
+            .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "store", e.to_string()))?;
+        Ok(owner.as_deref() == Some(client.as_str()))
+    }
+}
+
+/// Comments sent while nothing happens, so proxies and clients see the stream alive.
+const KEEP_ALIVE: Duration = Duration::from_secs(15);
+/// Projects one `?project=` list may name.
+const MAX_EVENT_PROJECTS: usize = 100;
+
+/// `GET /api/events[?project=a,b]`: server-sent events of build state transitions of the
+/// caller's projects (every project for the admin token). `Last-Event-ID` resumes after the
+/// event it names, or gets `event: reset` when that is no longer in the agent's memory.
+async fn events(State(app): State<App>, uri: Uri, headers: HeaderMap) -> ApiResult<Response> {
+    let caller = app.caller(&headers).await?;
+    let q = query(&uri)?;
+    let only = match q.get("project") {
+        None => None,
+        Some(list) => {
+            let ids = list
+                .split(',')
+                .map(|p| project_id(p.trim()).map(|p| p.as_str().to_owned()))
+                .collect::<ApiResult<std::collections::HashSet<String>>>()?;
+            if ids.len() > MAX_EVENT_PROJECTS {
+                return Err(ApiError::bad_request(format!(
+                    "at most {MAX_EVENT_PROJECTS} projects per stream; leave out ?project= for all of yours"
+                )));
+            }
+            for p in &ids {
+                if !app.may_see(&caller, p).await? {
+                    return Err(ApiError::not_found(p));
+                }
+            }
+            Some(ids)
+        }
+    };
+    // A value that is no id this agent gave gets a reset, as an expired one does.
+    let last_id = headers.get("last-event-id").map(|v| {
+        v.to_str()
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(u64::MAX)
+    });
+    let (live, resume) = app.agent.events.subscribe(last_id);
+    let mut backlog = std::collections::VecDeque::new();
+    backlog.push_back(Frame::Raw(Bytes::from_static(b": kiln build events\n\n")));
+    match resume {
+        crate::events::Resume::Missed(missed) => {
+            backlog.extend(missed.into_iter().map(Frame::Event))
+        }
+        crate::events::Resume::Reset { newest } => backlog.push_back(Frame::Raw(Bytes::from(
+            format!("event: reset\nid: {newest}\ndata: {{}}\n\n"),
+        ))),
+    }
+    let mut keep_alive =
+        tokio::time::interval_at(tokio::time::Instant::now() + KEEP_ALIVE, KEEP_ALIVE);
+    keep_alive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut auth = HeaderMap::new();
+    if let Some(v) = headers.get(header::AUTHORIZATION) {
+        auth.insert(header::AUTHORIZATION, v.clone());
+    }
+    let stream = EventStream {
+        app,
+        auth,
+        caller,
+        only,
+        live,
+        backlog,
+        keep_alive,
+    };
+    let body = futures::stream::unfold(stream, |mut s| async move {
+        let frame = s.next().await?;
+        Some((Ok::<_, std::io::Error>(frame), s))
+    });
+    Ok((
+        [
+            (header::CONTENT_TYPE, "text/event-stream"),
+            (header::CACHE_CONTROL, "no-cache"),
+            // nginx would otherwise hold events back to fill its buffer.
+            (header::HeaderName::from_static("x-accel-buffering"), "no"),
+        ],
+        Body::from_stream(body),
+    )
+        .into_response())
+}
+
+enum Frame {
+    Raw(Bytes),
+    Event(Arc<crate::events::Event>),
+}
+
+/// One `/api/events` connection.
+struct EventStream {
+    app: App,
+    /// The request's credentials, checked again at every keep-alive.
+    auth: HeaderMap,
+    caller: Caller,
+    only: Option<std::collections::HashSet<String>>,
+    live: tokio::sync::broadcast::Receiver<Arc<crate::events::Event>>,
+    /// What is sent before live events: the opening comment, then the missed events or a reset.
+    backlog: std::collections::VecDeque<Frame>,
+    keep_alive: tokio::time::Interval,
+}
+
+impl EventStream {
+    /// The next bytes to send; None ends the stream.
+    async fn next(&mut self) -> Option<Bytes> {
+        use tokio::sync::broadcast::error::RecvError;
+        loop {
+            let event = match self.backlog.pop_front() {
+                Some(Frame::Raw(b)) => return Some(b),
+                Some(Frame::Event(e)) => e,
+                // Both branches are cancel-safe: a lost race loses neither an event nor a tick.
+                None => tokio::select! {
+                    r = self.live.recv() => match r {
+                        Ok(e) => e,
+                        // Dropped rather than buffered without bound; the client reconnects
+                        // with Last-Event-ID and resumes from the ring.
+                        Err(RecvError::Lagged(n)) => {
+                            log::warn!(missed = n; "event stream client too slow; disconnected");
+                            return None;
+                        }
+                        Err(RecvError::Closed) => return None,
+                    },
+                    _ = self.keep_alive.tick() => {
+                        // A revoked token's stream ends within a tick, as its requests do.
+                        if self.app.caller(&self.auth).await.is_err() {
+                            return None;
+                        }
+                        return Some(Bytes::from_static(b": keep-alive\n\n"));
+                    }
+                },
+            };
+            if self
+                .only
+                .as_ref()
+                .is_some_and(|o| !o.contains(&event.project))
+            {
+                continue;
+            }
+            // Not knowing the owner (the store failing) must not show the event, nor end the
+            // stream.
+            if !matches!(
+                self.app.may_see(&self.caller, &event.project).await,
+                Ok(true)
+            ) {
+                continue;
+            }
+            let data = serde_json::to_string(&*event).expect("serializes");
+            return Some(Bytes::from(format!(
+                "event: build\nid: {}\ndata: {data}\n\n",
+                event.id
+            )));
+        }
+    }
+}
+
+/// `GET /api/notifications/deliveries`: the caller's newest notification deliveries, newest
+/// first (the admin token names a client with `?client=<id>`).
+async fn deliveries(State(app): State<App>, uri: Uri, headers: HeaderMap) -> ApiResult<Response> {
+    let client = match app.caller(&headers).await? {
+        Caller::Client(c) => c,
+        Caller::Admin => query(&uri)?
+            .remove("client")
+            .filter(|c| c.len() == 12 && c.bytes().all(|b| b.is_ascii_alphanumeric()))
+            .ok_or_else(|| {
+                ApiError::bad_request("with the admin token, name a client: ?client=<id>")
+            })?,
+    };
+    Ok(
+        Json(serde_json::json!({"deliveries": app.agent.notifier.deliveries(&client)}))
+            .into_response(),
+    )
 }

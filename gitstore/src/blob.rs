@@ -2,6 +2,7 @@
 //!
 //! Layout (all keys under the store URL's prefix):
 //! - `clients/<id>.json`: an API client and its token hash
+//! - `clients/<id>/notify.json`: where the client wants build notifications, and their secret
 //! - `projects/<p>/owner.json`: which client created the project (written once, with Create)
 //! - `projects/<p>/manifests/<generation:020>.json`: refs and pack list; generation N+1 is claimed
 //!   with a Create, so exactly one writer wins it on every backend, the local filesystem included
@@ -248,6 +249,9 @@ pub(crate) mod keys {
 
     pub(crate) fn client(id: &str) -> Path {
         Path::from(format!("clients/{id}.json"))
+    }
+    pub(crate) fn notify(client: &str) -> Path {
+        Path::from(format!("clients/{client}/notify.json"))
     }
     pub(crate) fn owner(p: &ProjectId) -> Path {
         Path::from(format!("projects/{p}/owner.json"))

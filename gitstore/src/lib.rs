@@ -6,17 +6,23 @@
 //! number of nodes can serve one store. The agent uses [`sync::sync_repo`] to fetch what it lacks.
 //!
 //! Codemap: `server` (HTTP, auth decisions), `receive` (the push path, run as git's pre-receive
-//! hook), `sync` (blob store → local repo), `manifest` and `blob` (the store layout), `auth`
-//! (clients, tokens, ownership), `path_policy` (what is safe to check out), `webhook`, `systemd`
+//! hook), `commits` (a commit from a JSON map of files, built in scratch space and sent through
+//! the push path), `browse` (a commit's files, one file's bytes, diffs, for clients without git),
+//! `sync` (blob store → local repo), `manifest` and `blob` (the store layout), `auth`
+//! (clients, tokens, ownership), `notify` (where a client wants build notifications, read by
+//! agents), `path_policy` (what is safe to check out), `webhook`, `systemd`
 //! (readiness and watchdog for both daemons' units) and `logging` (journald fields).
 
 pub mod auth;
 pub mod blob;
+mod browse;
+mod commits;
 pub mod compact;
 mod git;
 pub mod logging;
 pub mod manifest;
 mod metrics;
+pub mod notify;
 pub mod path_policy;
 pub mod project;
 pub mod receive;

@@ -22,6 +22,8 @@ use tokio::io::AsyncWriteExt;
 
 use crate::auth::{self, AuthError, Client};
 use crate::blob::BlobStore;
+use crate::browse::{self, BrowseError};
+use crate::commits::{self, CommitError};
 use crate::git;
 use crate::manifest;
 use crate::metrics::Metrics;
@@ -128,6 +130,16 @@ pub fn router(app: App) -> Router {
         .route("/api/clients/{id}", delete(revoke_client))
         .route("/api/projects", post(create_project).get(list_projects))
         .route("/api/projects/{id}", get(project_info))
+        .route("/api/projects/{id}/commits", post(create_commit))
+        .route("/api/projects/{id}/tree", get(project_tree))
+        .route("/api/projects/{id}/files/{*path}", get(project_file))
+        .route("/api/projects/{id}/diff", get(project_diff))
+        .route(
+            "/api/notifications",
+            get(notification_info)
+                .put(register_notifications)
+                .delete(unregister_notifications),
+        )
         .route("/git/{repo}/info/refs", get(info_refs))
         .route("/git/{repo}/git-upload-pack", post(upload_pack))
         .route("/git/{repo}/git-receive-pack", post(receive_pack))
@@ -178,6 +190,8 @@ pub(crate) struct ApiError {
     code: &'static str,
     message: String,
     plain: bool,
+    /// More fields of the JSON answer, such as the branch head of a conflict.
+    extra: serde_json::Map<String, serde_json::Value>,
 }
 
 impl ApiError {
@@ -187,7 +201,13 @@ impl ApiError {
             code,
             message: message.into(),
             plain: false,
+            extra: serde_json::Map::new(),
         }
+    }
+
+    fn with(mut self, key: &str, value: serde_json::Value) -> Self {
+        self.extra.insert(key.to_owned(), value);
+        self
     }
 
     fn internal(e: impl std::fmt::Display) -> Self {
@@ -201,6 +221,12 @@ impl ApiError {
 
     fn plain(mut self) -> Self {
         self.plain = true;
+        self
+    }
+
+    /// For the API routes, which share helpers with the git routes: always JSON.
+    fn json(mut self) -> Self {
+        self.plain = false;
         self
     }
 }
@@ -221,6 +247,43 @@ impl From<AuthError> for ApiError {
     }
 }
 
+impl From<CommitError> for ApiError {
+    fn from(e: CommitError) -> Self {
+        match e {
+            CommitError::Json(_) => Self::new(StatusCode::BAD_REQUEST, "bad_json", e.to_string()),
+            CommitError::Field { .. } => {
+                Self::new(StatusCode::BAD_REQUEST, "bad_request", e.to_string())
+            }
+            CommitError::Path { .. } => {
+                Self::new(StatusCode::BAD_REQUEST, "bad_path", e.to_string())
+            }
+            CommitError::Limit(_) => {
+                Self::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", e.to_string())
+            }
+            CommitError::Conflict { ref head, .. } => {
+                let head = head.clone();
+                Self::new(StatusCode::CONFLICT, "conflict", e.to_string()).with("head", head.into())
+            }
+            CommitError::Git { .. } | CommitError::Plumbing(_) => Self::internal(e),
+        }
+    }
+}
+
+impl From<BrowseError> for ApiError {
+    fn from(e: BrowseError) -> Self {
+        use BrowseError::*;
+        match e {
+            BadCommit { .. } | NotACommit { .. } | BadPath { .. } => {
+                Self::new(StatusCode::BAD_REQUEST, "bad_request", e.to_string())
+            }
+            NoCommit { .. } | Empty | NoSuchPath { .. } | IsDirectory { .. } => {
+                Self::new(StatusCode::NOT_FOUND, "not_found", e.to_string())
+            }
+            Git(_) | GitOutput { .. } => Self::internal(e),
+        }
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut res = if self.plain {
@@ -231,11 +294,10 @@ impl IntoResponse for ApiError {
             )
                 .into_response()
         } else {
-            (
-                self.status,
-                Json(serde_json::json!({"error": self.code, "message": self.message})),
-            )
-                .into_response()
+            let mut body = self.extra;
+            body.insert("error".into(), self.code.into());
+            body.insert("message".into(), self.message.into());
+            (self.status, Json(body)).into_response()
         };
         if self.status == StatusCode::UNAUTHORIZED {
             res.headers_mut().insert(
@@ -341,6 +403,26 @@ impl App {
             .expect("lock")
             .insert(project.clone(), client.id.clone());
         Ok(())
+    }
+
+    /// `authorize` for the JSON API: another client's project answers 404, as if absent, so
+    /// project ids cannot be probed (git push keeps its 403, which git shows as is).
+    async fn authorize_api(
+        &self,
+        who: &Principal,
+        project: &ProjectId,
+        write: bool,
+    ) -> ApiResult<()> {
+        match self.authorize(who, project, write).await {
+            Err(e) if e.status == StatusCode::FORBIDDEN && matches!(who, Principal::Client(_)) => {
+                Err(ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    "not_found",
+                    format!("project {project} not found"),
+                ))
+            }
+            r => r,
+        }
     }
 
     fn lock(&self, project: &ProjectId) -> Arc<tokio::sync::Mutex<()>> {
@@ -684,75 +766,7 @@ async fn receive_pack(
     let _guard = lock.lock().await;
     app.sync_locked(&project).await.map_err(ApiError::plain)?;
 
-    let scratch = tempfile::Builder::new()
-        .prefix("push-")
-        .tempdir_in(&app.0.cfg.data_dir)
-        .map_err(ApiError::internal)?;
-    let result_path = scratch.path().join("result.json");
-    let ctx = HookContext {
-        store_url: app.0.cfg.store_url.clone(),
-        project: project.clone(),
-        limits: app.0.cfg.limits.clone(),
-        result_path: result_path.clone(),
-        fault: app.0.cfg.fault.clone(),
-    };
-    let mut cmd = git::command(&app.repo_dir(&project));
-    for c in app.git_configs() {
-        cmd.arg("-c").arg(c);
-    }
-    cmd.args(["receive-pack", "--stateless-rpc", "."]).env(
-        "KILN_HOOK_CONTEXT",
-        serde_json::to_string(&ctx).expect("serializes"),
-    );
-    let mut child = cmd
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(ApiError::internal)?;
-    let stdin = child.stdin.take().expect("piped");
-    let limit = app.0.cfg.limits.max_push_bytes + (1 << 20);
-    let fed = feed(body, &headers, stdin, limit).await;
-    if let Err(e) = fed {
-        let _ = child.kill().await;
-        app.0.metrics.inc(&app.0.metrics.pushes_refused);
-        return Err(e.into());
-    }
-    let out = child.wait_with_output().await.map_err(ApiError::internal)?;
-    if !out.status.success() {
-        log::warn!(project:% = project; "receive-pack: {}", String::from_utf8_lossy(&out.stderr).trim());
-    }
-    let m = &app.0.metrics;
-    match std::fs::read(&result_path)
-        .ok()
-        .and_then(|b| serde_json::from_slice::<PushResult>(&b).ok())
-    {
-        Some(result) => {
-            if let Some(from) = result.built_on {
-                // The repository already holds exactly this generation: skip the next sync's
-                // manifest read and ref update.
-                if let Err(e) = sync::mark_synced(&app.repo_dir(&project), from, result.generation)
-                {
-                    log::warn!(project:% = project; "cannot record the sync state: {e}");
-                }
-            }
-            if result.packs >= app.0.cfg.compact.min_packs {
-                app.spawn_compaction(&project);
-            }
-            m.inc(&m.pushes_accepted);
-            m.add(&m.push_pack_bytes, result.pack_bytes);
-            for u in &result.updates {
-                log::info!(project:% = project, generation = result.generation, r#ref = u.name.as_str(), new = u.new.as_str(); "push stored");
-                app.0
-                    .notifier
-                    .notify(project.as_str(), &u.name, &u.old, &u.new);
-            }
-        }
-        None => {
-            m.inc(&m.pushes_refused);
-            log::info!(project:% = project; "push refused");
-        }
-    }
+    let received = app.receive(&project, &headers, body).await?;
     Ok((
         [
             (
@@ -761,9 +775,107 @@ async fn receive_pack(
             ),
             (header::CACHE_CONTROL, "no-cache"),
         ],
-        out.stdout,
+        received.stdout,
     )
         .into_response())
+}
+
+/// What `git receive-pack` made of one push, or of one API commit sent as a push.
+struct Received {
+    stdout: Vec<u8>,
+    stderr: Vec<u8>,
+    /// The hook's report of an accepted, durable push; None when it refused.
+    result: Option<PushResult>,
+}
+
+impl App {
+    /// Runs `git receive-pack` on `project` with `body` as its input, so the pre-receive hook
+    /// checks, stores and publishes whatever arrives, then does what follows an accepted push on
+    /// this node: sync state, compaction, metrics and the webhook. Both `git push` and the commit
+    /// API come through here, so neither can skip a step. The caller holds the project lock and
+    /// has synced the repository.
+    async fn receive(
+        &self,
+        project: &ProjectId,
+        headers: &HeaderMap,
+        body: Body,
+    ) -> ApiResult<Received> {
+        let scratch = tempfile::Builder::new()
+            .prefix("push-")
+            .tempdir_in(&self.0.cfg.data_dir)
+            .map_err(ApiError::internal)?;
+        let result_path = scratch.path().join("result.json");
+        let ctx = HookContext {
+            store_url: self.0.cfg.store_url.clone(),
+            project: project.clone(),
+            limits: self.0.cfg.limits.clone(),
+            result_path: result_path.clone(),
+            fault: self.0.cfg.fault.clone(),
+        };
+        let mut cmd = git::command(&self.repo_dir(project));
+        for c in self.git_configs() {
+            cmd.arg("-c").arg(c);
+        }
+        cmd.args(["receive-pack", "--stateless-rpc", "."]).env(
+            "KILN_HOOK_CONTEXT",
+            serde_json::to_string(&ctx).expect("serializes"),
+        );
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(ApiError::internal)?;
+        let stdin = child.stdin.take().expect("piped");
+        let limit = self.0.cfg.limits.max_push_bytes + (1 << 20);
+        let fed = feed(body, headers, stdin, limit).await;
+        let m = &self.0.metrics;
+        if let Err(e) = fed {
+            let _ = child.kill().await;
+            m.inc(&m.pushes_refused);
+            return Err(e.into());
+        }
+        let out = child.wait_with_output().await.map_err(ApiError::internal)?;
+        if !out.status.success() {
+            log::warn!(project:% = project; "receive-pack: {}", String::from_utf8_lossy(&out.stderr).trim());
+        }
+        let result = std::fs::read(&result_path)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<PushResult>(&b).ok());
+        match &result {
+            Some(result) => {
+                if let Some(from) = result.built_on {
+                    // The repository already holds exactly this generation: skip the next sync's
+                    // manifest read and ref update.
+                    if let Err(e) =
+                        sync::mark_synced(&self.repo_dir(project), from, result.generation)
+                    {
+                        log::warn!(project:% = project; "cannot record the sync state: {e}");
+                    }
+                }
+                if result.packs >= self.0.cfg.compact.min_packs {
+                    self.spawn_compaction(project);
+                }
+                m.inc(&m.pushes_accepted);
+                m.add(&m.push_pack_bytes, result.pack_bytes);
+                for u in &result.updates {
+                    log::info!(project:% = project, generation = result.generation, r#ref = u.name.as_str(), new = u.new.as_str(); "push stored");
+                    self.0
+                        .notifier
+                        .notify(project.as_str(), &u.name, &u.old, &u.new);
+                }
+            }
+            None => {
+                m.inc(&m.pushes_refused);
+                log::info!(project:% = project; "push refused");
+            }
+        }
+        Ok(Received {
+            stdout: out.stdout,
+            stderr: out.stderr,
+            result,
+        })
+    }
 }
 
 async fn healthz(State(app): State<App>) -> Response {
@@ -947,6 +1059,348 @@ async fn list_projects(State(app): State<App>, headers: HeaderMap) -> ApiResult<
     Ok(Json(serde_json::json!({ "projects": projects })).into_response())
 }
 
+impl From<crate::notify::NotifyError> for ApiError {
+    fn from(e: crate::notify::NotifyError) -> Self {
+        use crate::notify::NotifyError;
+        match e {
+            NotifyError::BadUrl(_) => {
+                Self::new(StatusCode::BAD_REQUEST, "bad_request", e.to_string())
+            }
+            NotifyError::Corrupt { .. } | NotifyError::Store(_) => Self::internal(e),
+        }
+    }
+}
+
+/// The client whose notifications a request manages; the admin token has none.
+async fn notification_client(app: &App, headers: &HeaderMap) -> ApiResult<Client> {
+    match app.principal(headers).await? {
+        Principal::Client(c) => Ok(c),
+        Principal::Admin => Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "notifications belong to clients; register them with a client token",
+        )),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewNotifications {
+    url: String,
+}
+
+/// `PUT /api/notifications {"url"}`: where the agents post this client's build events. Answers
+/// the signing secret, this once; every PUT makes a new one.
+async fn register_notifications(
+    State(app): State<App>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> ApiResult<Response> {
+    let c = notification_client(&app, &headers).await?;
+    let req: NewNotifications = json_body(&body)?;
+    let reg = crate::notify::register(&app.0.store, &c.id, &req.url).await?;
+    log::info!(client = c.id.as_str(), url = reg.url.as_str(); "notification url registered");
+    Ok(Json(serde_json::json!({"url": reg.url, "secret": reg.secret})).into_response())
+}
+
+/// `GET /api/notifications`: the registered URL, never the secret.
+async fn notification_info(State(app): State<App>, headers: HeaderMap) -> ApiResult<Response> {
+    let c = notification_client(&app, &headers).await?;
+    match crate::notify::load(&app.0.store, &c.id).await? {
+        Some(reg) => Ok(
+            Json(serde_json::json!({"url": reg.url, "created_at": reg.created_at})).into_response(),
+        ),
+        None => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "no notification url registered: PUT /api/notifications {\"url\": \"https://...\"}",
+        )),
+    }
+}
+
+/// `DELETE /api/notifications`: stops notifications (agents notice within their cache's 30 s).
+async fn unregister_notifications(
+    State(app): State<App>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    let c = notification_client(&app, &headers).await?;
+    let deleted = crate::notify::unregister(&app.0.store, &c.id).await?;
+    log::info!(client = c.id.as_str(), deleted; "notification url removed");
+    Ok(Json(serde_json::json!({ "deleted": deleted })).into_response())
+}
+
+fn parse_project(id: &str) -> ApiResult<ProjectId> {
+    ProjectId::parse(id)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_project", e.to_string()))
+}
+
+/// The largest commit request body: the files may total `max_push_bytes` once decoded, plus
+/// room for base64's 4/3 and the JSON around them.
+fn commit_body_limit(limits: &crate::receive::Limits) -> u64 {
+    limits.max_push_bytes.saturating_mul(4) / 3 + (1 << 20)
+}
+
+/// Reads a whole request body, refusing more than `limit` bytes. The commit route reads its
+/// body itself instead of through axum's `DefaultBodyLimit`, so the refusal is JSON and names
+/// the setting that bounds it.
+async fn read_body(body: Body, limit: u64) -> ApiResult<Vec<u8>> {
+    let mut stream = body.into_data_stream();
+    let mut out = Vec::new();
+    while let Some(chunk) = stream.try_next().await.map_err(|_| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "request body ended early",
+        )
+    })? {
+        if (out.len() + chunk.len()) as u64 > limit {
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                format!(
+                    "request body over {limit} bytes (room for KILN_MAX_PUSH_BYTES of files in base64); send fewer or smaller files per commit"
+                ),
+            ));
+        }
+        out.extend_from_slice(&chunk);
+    }
+    Ok(out)
+}
+
+/// `POST /api/projects/<p>/commits`: a commit from a JSON map of files, for generators that do
+/// not speak git. The request is checked first; the commit is then built in scratch space and
+/// sent through [`App::receive`] as a one-commit push, so the pre-receive hook checks, stores
+/// and publishes it and the webhook fires exactly as for `git push`.
+async fn create_commit(
+    State(app): State<App>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Response> {
+    let project = parse_project(&id)?;
+    let who = app.principal(&headers).await?;
+    let Principal::Client(client) = &who else {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "the admin token manages clients; commit with a client token",
+        ));
+    };
+    let limits = app.0.cfg.limits.clone();
+    // Checked before the project is claimed or anything is locked: a bad request costs nothing.
+    let raw = read_body(body, commit_body_limit(&limits)).await?;
+    let req = commits::parse(&raw, &limits)?;
+    drop(raw);
+    app.authorize_api(&who, &project, true).await?;
+
+    let lock = app.lock(&project);
+    let _guard = lock.lock().await;
+    app.sync_locked(&project).await?;
+    let scratch = tempfile::Builder::new()
+        .prefix("commit-")
+        .tempdir_in(&app.0.cfg.data_dir)
+        .map_err(ApiError::internal)?;
+    let committer = commits::Person::client(&client.name, &client.id);
+    let built = commits::build(
+        &app.repo_dir(&project),
+        scratch.path(),
+        req,
+        &committer,
+        &limits,
+    )
+    .await?;
+    let pack = tokio::fs::File::open(&built.pack)
+        .await
+        .map_err(ApiError::internal)?;
+    let commands = axum::body::Bytes::from(built.receive_pack_commands());
+    let input = futures::StreamExt::chain(
+        futures::stream::iter([Ok::<_, std::io::Error>(commands)]),
+        tokio_util::io::ReaderStream::new(pack),
+    );
+    let received = app
+        .receive(&project, &HeaderMap::new(), Body::from_stream(input))
+        .await
+        .map_err(ApiError::json)?;
+
+    let accepted = commits::ref_status(&received.stdout, &built.refname);
+    let generation = match (&received.result, &accepted) {
+        (Some(r), _) => Some(r.generation),
+        // The hook stored it but could not report back: the store is the truth.
+        (None, Some(Ok(()))) => Some(
+            manifest::latest(&app.0.store, &project)
+                .await
+                .map_err(ApiError::internal)?
+                .generation,
+        ),
+        _ => None,
+    };
+    if let Some(generation) = generation {
+        if let Some(Err(reason)) = &accepted {
+            // Durable in the store; the local ref catches up at the next sync.
+            log::warn!(project:% = project; "commit stored but the local ref did not move: {reason}");
+        }
+        log::info!(project:% = project, commit = built.commit.as_str(), generation = generation; "commit stored through the API");
+        return Ok((
+            StatusCode::CREATED,
+            Json(serde_json::json!({
+                "commit": built.commit,
+                "parent": built.parent,
+                "tree": built.tree,
+                "branch": built.refname.trim_start_matches("refs/heads/"),
+                "generation": generation,
+            })),
+        )
+            .into_response());
+    }
+    Err(commit_refused(&app, &project, &built, &received).await)
+}
+
+/// Why receive-pack refused an API commit. A branch that moved (a push on another node won the
+/// race) is a conflict whatever the hook printed, so that is decided from the store itself.
+async fn commit_refused(
+    app: &App,
+    project: &ProjectId,
+    built: &commits::Built,
+    received: &Received,
+) -> ApiError {
+    let stderr = String::from_utf8_lossy(&received.stderr);
+    match manifest::latest(&app.0.store, project).await {
+        Ok(m) => {
+            let head = m.refs.get(&built.refname).cloned();
+            if head != built.parent {
+                return CommitError::Conflict {
+                    branch: built.refname.clone(),
+                    head,
+                    parent: built.parent.clone(),
+                }
+                .into();
+            }
+        }
+        Err(e) => log::warn!(project:% = project; "cannot read the manifest after a refusal: {e}"),
+    }
+    match commits::hook_refusal(&received.stderr) {
+        Some(reason) if reason.starts_with("storage failure") => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "store_unavailable",
+            format!("{reason}; try again shortly"),
+        ),
+        // receive.rs words every size refusal as "... over the <n>-byte limit".
+        Some(reason) if reason.contains("-byte limit") => {
+            ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", reason)
+        }
+        Some(reason) => ApiError::new(StatusCode::BAD_REQUEST, "refused", reason),
+        // receive.maxInputSize (git_configs) stops an oversized pack before the hook runs.
+        None if stderr.contains("exceeds maximum allowed size") => ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!(
+                "the commit's pack is over the max_push_bytes limit of {} bytes (KILN_MAX_PUSH_BYTES); split the change into several commits",
+                app.0.cfg.limits.max_push_bytes
+            ),
+        ),
+        None => {
+            log::warn!(project:% = project; "API commit refused by git: {}", stderr.trim());
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "refused",
+                "git refused the commit's objects; the details are in the gitstore log",
+            )
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct CommitQuery {
+    commit: Option<String>,
+}
+
+/// Authorizes a read of `id` and syncs its repository, for the tree, file and diff routes.
+async fn readable(app: &App, id: &str, headers: &HeaderMap) -> ApiResult<(ProjectId, PathBuf)> {
+    let project = parse_project(id)?;
+    let who = app.principal(headers).await?;
+    app.authorize_api(&who, &project, false).await?;
+    app.sync(&project).await?;
+    let repo = app.repo_dir(&project);
+    Ok((project, repo))
+}
+
+/// `GET /api/projects/<p>/tree[?commit=<hex>]`: every file of a commit (default: HEAD).
+async fn project_tree(
+    State(app): State<App>,
+    Path(id): Path<String>,
+    Query(q): Query<CommitQuery>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    let (_, repo) = readable(&app, &id, &headers).await?;
+    let commit = browse::resolve(&repo, q.commit.as_deref()).await?;
+    let tree = browse::tree(&repo, &commit, app.0.cfg.limits.max_tree_files).await?;
+    Ok(Json(tree).into_response())
+}
+
+/// `GET /api/projects/<p>/files/<path>[?commit=<hex>]`: one file's bytes.
+async fn project_file(
+    State(app): State<App>,
+    Path((id, path)): Path<(String, String)>,
+    Query(q): Query<CommitQuery>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    let (_, repo) = readable(&app, &id, &headers).await?;
+    let commit = browse::resolve(&repo, q.commit.as_deref()).await?;
+    let file = browse::file(&repo, &commit, &path).await?;
+    let content_type = if file.mode == "symlink" {
+        "text/plain; charset=utf-8"
+    } else {
+        browse::content_type(&path)
+    };
+    let commit = HeaderValue::from_str(&commit).map_err(ApiError::internal)?;
+    Ok((
+        [
+            (header::CONTENT_TYPE, HeaderValue::from_static(content_type)),
+            (header::HeaderName::from_static("x-kiln-commit"), commit),
+            (
+                header::HeaderName::from_static("x-kiln-mode"),
+                HeaderValue::from_static(file.mode),
+            ),
+            // Project files are not gitstore's pages: a browser must not run or sniff them.
+            (
+                header::CONTENT_SECURITY_POLICY,
+                HeaderValue::from_static("default-src 'none'; sandbox"),
+            ),
+            (
+                header::X_CONTENT_TYPE_OPTIONS,
+                HeaderValue::from_static("nosniff"),
+            ),
+            (header::CACHE_CONTROL, HeaderValue::from_static("no-cache")),
+        ],
+        file.bytes,
+    )
+        .into_response())
+}
+
+#[derive(Deserialize)]
+struct DiffQuery {
+    from: Option<String>,
+    to: Option<String>,
+}
+
+/// `GET /api/projects/<p>/diff[?from=<hex>][&to=<hex>]`: the files changed between two commits;
+/// `to` defaults to HEAD and `from` to `to`'s first parent (its own changes).
+async fn project_diff(
+    State(app): State<App>,
+    Path(id): Path<String>,
+    Query(q): Query<DiffQuery>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    let (_, repo) = readable(&app, &id, &headers).await?;
+    let to = browse::resolve(&repo, q.to.as_deref()).await?;
+    let from = match q.from.as_deref() {
+        Some(f) => Some(browse::resolve(&repo, Some(f)).await?),
+        None => browse::first_parent(&repo, &to).await?,
+    };
+    let diff = browse::diff(&repo, from.as_deref(), &to).await?;
+    Ok(Json(diff).into_response())
+}
+
 fn json_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> ApiResult<T> {
     if body.len() > 64 << 10 {
         return Err(ApiError::new(
@@ -1009,7 +1463,7 @@ async fn cors_and_log(State(app): State<App>, req: Request, next: Next) -> Respo
         );
         h.insert(
             header::ACCESS_CONTROL_EXPOSE_HEADERS,
-            HeaderValue::from_static("Content-Type, WWW-Authenticate"),
+            HeaderValue::from_static("Content-Type, WWW-Authenticate, X-Kiln-Commit, X-Kiln-Mode"),
         );
         h.insert(
             header::ACCESS_CONTROL_MAX_AGE,
