@@ -191,38 +191,44 @@ impl std::str::FromStr for Engine {
     }
 }
 
+/// A configuration for unit tests: `preview_url` and placeholders that no test reads.
+#[cfg(test)]
+pub(crate) fn test_config(preview_url: &str) -> Config {
+    Config {
+        preview_url: preview_url.into(),
+        generator_origins: Vec::new(),
+        state_dir: "/s".into(),
+        volume_dir: "/v".into(),
+        publish_dir: "/w".into(),
+        webhook_secret: Vec::new(),
+        admin_token_sha256: None,
+        sandbox_uid: 1,
+        sandbox_gid: 1,
+        memory_bytes: 1,
+        pids: 1,
+        cpus: 1.0,
+        install_timeout: Duration::ZERO,
+        build_timeout: Duration::ZERO,
+        concurrency: 1,
+        keep_builds: 1,
+        log_limit_bytes: 1,
+        max_output_bytes: 1,
+        pnpm: "/usr/bin/pnpm".into(),
+        node: "/usr/bin/node".into(),
+        engine: Engine::Fast,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn with_url(preview_url: &str) -> String {
-        config(preview_url).base_path_for("shop")
+    fn config(preview_url: &str) -> Config {
+        test_config(preview_url)
     }
 
-    fn config(preview_url: &str) -> Config {
-        Config {
-            preview_url: preview_url.into(),
-            generator_origins: Vec::new(),
-            state_dir: "/s".into(),
-            volume_dir: "/v".into(),
-            publish_dir: "/w".into(),
-            webhook_secret: Vec::new(),
-            admin_token_sha256: None,
-            sandbox_uid: 1,
-            sandbox_gid: 1,
-            memory_bytes: 1,
-            pids: 1,
-            cpus: 1.0,
-            install_timeout: Duration::ZERO,
-            build_timeout: Duration::ZERO,
-            concurrency: 1,
-            keep_builds: 1,
-            log_limit_bytes: 1,
-            max_output_bytes: 1,
-            pnpm: "/usr/bin/pnpm".into(),
-            node: "/usr/bin/node".into(),
-            engine: Engine::Fast,
-        }
+    fn with_url(preview_url: &str) -> String {
+        config(preview_url).base_path_for("shop")
     }
 
     #[test]

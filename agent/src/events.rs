@@ -194,29 +194,7 @@ mod tests {
     use super::*;
 
     fn config() -> Config {
-        Config {
-            preview_url: "http://127.0.0.1:8080/preview".into(),
-            generator_origins: Vec::new(),
-            state_dir: "/s".into(),
-            volume_dir: "/v".into(),
-            publish_dir: "/w".into(),
-            webhook_secret: Vec::new(),
-            admin_token_sha256: None,
-            sandbox_uid: 1,
-            sandbox_gid: 1,
-            memory_bytes: 1,
-            pids: 1,
-            cpus: 1.0,
-            install_timeout: Duration::ZERO,
-            build_timeout: Duration::ZERO,
-            concurrency: 1,
-            keep_builds: 1,
-            log_limit_bytes: 1,
-            max_output_bytes: 1,
-            pnpm: "/usr/bin/pnpm".into(),
-            node: "/usr/bin/node".into(),
-            engine: crate::config::Engine::Fast,
-        }
+        crate::config::test_config("http://127.0.0.1:8080/preview")
     }
 
     #[test]

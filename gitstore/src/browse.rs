@@ -12,9 +12,9 @@ use std::process::Stdio;
 use serde::Serialize;
 use tokio::io::AsyncReadExt;
 
-use crate::commits::printable;
 use crate::git;
 use crate::path_policy;
+use crate::path_policy::printable;
 
 /// Text of one file's diff kept in a response; the rest is cut at a line end.
 const MAX_FILE_DIFF_BYTES: usize = 256 << 10;

@@ -12,6 +12,7 @@
 //! it checks the commits found only in the push's quarantine, so the commit must reach the
 //! repository through receive-pack, never by a side door.
 
+use crate::path_policy::printable;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -54,20 +55,6 @@ pub(crate) enum CommitError {
     Git { args: String, detail: String },
     #[error(transparent)]
     Plumbing(#[from] git::GitError),
-}
-
-/// Paths come from clients; control characters are shown escaped so a refusal cannot carry
-/// terminal escapes into a log or console.
-pub(crate) fn printable(path: &str) -> String {
-    path.chars()
-        .map(|c| {
-            if c.is_control() {
-                c.escape_unicode().to_string()
-            } else {
-                c.to_string()
-            }
-        })
-        .collect()
 }
 
 /// A git identity, checked so that `git commit-tree` and receive-pack's fsck accept it.
@@ -686,35 +673,7 @@ impl Scratch {
         input: &[u8],
         env: &[(&str, &str)],
     ) -> Result<Vec<u8>, CommitError> {
-        let fail = |detail: String| CommitError::Git {
-            args: args.join(" "),
-            detail,
-        };
-        let mut child = self
-            .command(args, env)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| fail(format!("cannot start git: {e}")))?;
-        let mut stdin = child.stdin.take().expect("piped");
-        let input = input.to_vec();
-        let writer = tokio::spawn(async move {
-            let _ = stdin.write_all(&input).await;
-        });
-        let out = child
-            .wait_with_output()
-            .await
-            .map_err(|e| fail(e.to_string()))?;
-        let _ = writer.await;
-        if !out.status.success() {
-            return Err(fail(format!(
-                "{}: {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            )));
-        }
-        Ok(out.stdout)
+        Ok(git::run_command(self.command(args, env), args, input).await?)
     }
 
     async fn run_line(

@@ -38,12 +38,23 @@ pub(crate) fn command(repo: &Path) -> tokio::process::Command {
 
 /// Runs a git command to completion, feeding `input`, and returns its stdout.
 pub(crate) async fn run(repo: &Path, args: &[&str], input: &[u8]) -> Result<Vec<u8>, GitError> {
+    let mut cmd = command(repo);
+    cmd.args(args);
+    run_command(cmd, args, input).await
+}
+
+/// Runs `cmd` (made by [`command`], `args` already on it) to completion, feeding `input`, and
+/// returns its stdout; `args` names the command in errors.
+pub(crate) async fn run_command(
+    mut cmd: tokio::process::Command,
+    args: &[&str],
+    input: &[u8],
+) -> Result<Vec<u8>, GitError> {
     let fail = |detail: String| GitError {
         args: args.join(" "),
         detail,
     };
-    let mut child = command(repo)
-        .args(args)
+    let mut child = cmd
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

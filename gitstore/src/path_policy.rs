@@ -170,6 +170,21 @@ fn is_hfs_ignorable(c: char) -> bool {
     matches!(c, '\u{200C}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{206A}'..='\u{206F}' | '\u{FEFF}')
 }
 
+/// A client's path as it may be shown back in a refusal: control characters escaped, so a
+/// refusal cannot carry terminal escapes to the pusher's terminal (git's `remote:` lines), a log
+/// or a console.
+pub(crate) fn printable(path: &str) -> String {
+    path.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_unicode().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

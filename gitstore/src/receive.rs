@@ -7,6 +7,7 @@
 //! once it is durable; any failure before leaves the store as it was, plus at most an orphan pack
 //! that no manifest names.
 
+use crate::path_policy::printable;
 use std::collections::{BTreeMap, HashSet};
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -76,20 +77,6 @@ pub struct PushResult {
     /// record the repository as synced to `generation` without reading the store again.
     #[serde(default)]
     pub built_on: Option<u64>,
-}
-
-/// Paths come from the pusher's tree; a raw escape sequence in a refusal would reach their
-/// terminal through git's `remote:` lines, so control characters are shown escaped.
-fn printable(path: &str) -> String {
-    path.chars()
-        .map(|c| {
-            if c.is_control() {
-                c.escape_unicode().to_string()
-            } else {
-                c.to_string()
-            }
-        })
-        .collect()
 }
 
 /// Why a push was refused; the text goes to the pusher.
