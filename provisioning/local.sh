@@ -101,8 +101,9 @@ up() {
 KILN_TOKEN=$KILN_TOKEN
 KILN_ADMIN_TOKEN=$KILN_ADMIN_TOKEN
 KILN_WEBHOOK_SECRET=$KILN_WEBHOOK_SECRET
-KILN_GIT_URL=http://127.0.0.1:$git_port
-KILN_AGENT_URL=http://127.0.0.1:$agent_port
+# Everything goes through nginx's front door, as in production.
+KILN_GIT_URL=http://127.0.0.1:$http_port
+KILN_AGENT_URL=http://127.0.0.1:$http_port
 KILN_HTTP_URL=http://127.0.0.1:$http_port
 KILN_PREVIEW_URL=$KILN_PREVIEW_URL
 # The stack's own settings, so \`kiln doctor\` and \`kiln nginx check\` see what it runs with.

@@ -91,9 +91,8 @@ impl Remote {
         self.send(reqwest::Method::GET, path, false).await
     }
 
-    /// `GET /healthz` without a token: its status code and JSON body.
-    pub(crate) async fn healthz(&self) -> Result<(u16, Value), RemoteError> {
-        let path = "/healthz";
+    /// `GET <path>` (a /healthz) without a token: its status code and JSON body.
+    pub(crate) async fn healthz(&self, path: &str) -> Result<(u16, Value), RemoteError> {
         let r = self
             .http
             .get(self.url(path))

@@ -86,8 +86,14 @@ pub(crate) async fn run(
     checks.push(disk("publish dir", &publish, GIB, "KILN_PUBLISH_DIR"));
     checks.push(blob_store(settings).await);
     checks.push(nginx(settings));
-    checks.push(healthz("gitstore", git).await);
-    checks.push(healthz("agent", agent).await);
+    // Behind one front door (nginx), /healthz is the agent's and gitstore's is /gitstore/healthz.
+    let gitstore_health = if git.endpoint.url == agent.endpoint.url {
+        "/gitstore/healthz"
+    } else {
+        "/healthz"
+    };
+    checks.push(healthz("gitstore", git, gitstore_health).await);
+    checks.push(healthz("agent", agent, "/healthz").await);
 
     let failed = checks.iter().filter(|c| c.level == Level::Fail).count();
     if out.json {
@@ -605,12 +611,12 @@ fn nginx(settings: &Settings) -> Check {
     }
 }
 
-async fn healthz(name: &'static str, remote: &Remote) -> Check {
+async fn healthz(name: &'static str, remote: &Remote, path: &str) -> Check {
     let ep = &remote.endpoint;
     if !ep.configured() {
         return Check::skip(name, format!("not checked: {} is not set", ep.var));
     }
-    match remote.healthz().await {
+    match remote.healthz(path).await {
         Ok((200, _)) => Check::ok(name, format!("{} is healthy", ep.url)),
         Ok((status, body)) => {
             let problems: Vec<String> = body["problems"]
