@@ -654,7 +654,10 @@ pub struct Response {
     pub status: u16,
     /// Header names lower-cased, in order received.
     pub headers: Vec<(String, String)>,
+    /// The body as text (lossy): what most assertions read.
     pub body: String,
+    /// The body byte for byte (de-chunked), for binary downloads.
+    pub bytes: Vec<u8>,
 }
 
 impl Response {
@@ -736,6 +739,7 @@ fn try_http(
         status,
         headers,
         body: String::from_utf8_lossy(&payload).into_owned(),
+        bytes: payload,
     })
 }
 

@@ -4,7 +4,7 @@
 //! path named and must leave the store exactly as it was.
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::path::Path;
 use std::sync::mpsc;
 use std::time::Duration;
@@ -113,37 +113,18 @@ fn clone_files(repo: &Repo) -> Vec<(String, String, String)> {
 
 /// A GET that keeps the body as bytes (the harness's [`http`] decodes it as text).
 fn get_bytes(node: &Gitstore, path: &str, token: &str) -> (u16, Vec<(String, String)>, Vec<u8>) {
-    let addr = node.base_url().trim_start_matches("http://").to_owned();
-    let mut s = TcpStream::connect(&addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).unwrap();
-    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
-    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
-    let mut lines = head.split("\r\n");
-    let status = lines
-        .next()
-        .unwrap()
-        .split(' ')
-        .nth(1)
-        .unwrap()
-        .parse()
-        .unwrap();
-    let headers: Vec<(String, String)> = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
-        .collect();
-    let body = raw[split + 4..].to_vec();
+    let auth = format!("Bearer {token}");
+    let r = http(
+        "GET",
+        &format!("{}{path}", node.base_url()),
+        &[("Authorization", &auth)],
+        b"",
+    );
     assert!(
-        !headers.iter().any(|(k, _)| k == "transfer-encoding"),
+        !r.headers.iter().any(|(k, _)| k == "transfer-encoding"),
         "expected a sized body"
     );
-    (status, headers, body)
+    (r.status, r.headers, r.bytes)
 }
 
 fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
