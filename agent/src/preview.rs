@@ -49,9 +49,11 @@ fn script(cfg: &ScriptConfig<'_>) -> String {
 /// Inserts `tag` as the first thing the browser runs: right after `<head ...>`, else after
 /// `<html ...>`, else after the doctype, else at the very start.
 pub fn inject(html: &str, tag: &str) -> String {
-    let at = open_tag_end(html, "<head")
-        .or_else(|| open_tag_end(html, "<html"))
-        .or_else(|| open_tag_end(html, "<!doctype"))
+    // ASCII lower-casing keeps byte offsets, so positions found in `lower` index `html`.
+    let lower = html.to_ascii_lowercase();
+    let at = open_tag_end(&lower, "<head")
+        .or_else(|| open_tag_end(&lower, "<html"))
+        .or_else(|| open_tag_end(&lower, "<!doctype"))
         .unwrap_or(0);
     let mut out = String::with_capacity(html.len() + tag.len());
     out.push_str(&html[..at]);
@@ -60,10 +62,9 @@ pub fn inject(html: &str, tag: &str) -> String {
     out
 }
 
-/// The byte offset just past the `>` of the first `name` tag (case-insensitive), where `name`
-/// is followed by `>` or whitespace (so `<header>` is not `<head>`).
-fn open_tag_end(html: &str, name: &str) -> Option<usize> {
-    let lower = html.to_ascii_lowercase();
+/// The byte offset just past the `>` of the first `name` tag in `lower` (lower-cased HTML),
+/// where `name` is followed by `>` or whitespace (so `<header>` is not `<head>`).
+fn open_tag_end(lower: &str, name: &str) -> Option<usize> {
     let mut from = 0;
     while let Some(i) = lower[from..].find(name) {
         let start = from + i;
