@@ -22,6 +22,40 @@ pub struct Client {
     pub created_at: u64,
     #[serde(default)]
     pub revoked: bool,
+    /// Limits the admin set for this client; unset ones take the daemon's defaults.
+    #[serde(default, skip_serializing_if = "Quotas::is_empty")]
+    pub quotas: Quotas,
+}
+
+/// Per-client limits. `None` means the operator's default applies (each daemon's `--quota-*`
+/// flags); gitstore enforces `projects` and `stored_bytes`, the agent the two build limits.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Quotas {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub projects: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stored_bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub builds_per_hour: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrent_builds: Option<u64>,
+}
+
+impl Quotas {
+    pub fn is_empty(&self) -> bool {
+        *self == Quotas::default()
+    }
+
+    /// These limits with every unset one taken from `defaults`.
+    pub fn or(&self, defaults: &Quotas) -> Quotas {
+        Quotas {
+            projects: self.projects.or(defaults.projects),
+            stored_bytes: self.stored_bytes.or(defaults.stored_bytes),
+            builds_per_hour: self.builds_per_hour.or(defaults.builds_per_hour),
+            concurrent_builds: self.concurrent_builds.or(defaults.concurrent_builds),
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -85,6 +119,7 @@ pub async fn create_client(store: &BlobStore, name: &str) -> Result<(Client, Str
         token_sha256: hash_token(&token),
         created_at: unix_now(),
         revoked: false,
+        quotas: Quotas::default(),
     };
     let body = Bytes::from(serde_json::to_vec_pretty(&client).expect("serializes"));
     match store.create(&keys::client(&id), body).await? {
@@ -129,6 +164,17 @@ pub async fn revoke_client(store: &BlobStore, id: &str) -> Result<Client, AuthEr
         .await?
         .ok_or_else(|| AuthError::NoSuchClient(id.to_owned()))?;
     c.revoked = true;
+    let body = Bytes::from(serde_json::to_vec_pretty(&c).expect("serializes"));
+    store.put(&keys::client(id), body).await?;
+    Ok(c)
+}
+
+/// Replaces a client's quotas (admin only, at the API).
+pub async fn set_quotas(store: &BlobStore, id: &str, quotas: Quotas) -> Result<Client, AuthError> {
+    let mut c = load_client(store, id)
+        .await?
+        .ok_or_else(|| AuthError::NoSuchClient(id.to_owned()))?;
+    c.quotas = quotas;
     let body = Bytes::from(serde_json::to_vec_pretty(&c).expect("serializes"));
     store.put(&keys::client(id), body).await?;
     Ok(c)
