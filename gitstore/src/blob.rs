@@ -7,6 +7,7 @@
 //! - `projects/<p>/manifests/<generation:020>.json`: refs and pack list; generation N+1 is claimed
 //!   with a Create, so exactly one writer wins it on every backend, the local filesystem included
 //! - `projects/<p>/packs/<pack-name>.{pack,idx}`: immutable packs, named by git's pack checksum
+//! - `projects/<p>/build-state.json`: the agent's report of the project's builds (a cache)
 
 use std::sync::Arc;
 
@@ -255,6 +256,9 @@ pub(crate) mod keys {
     }
     pub(crate) fn owner(p: &ProjectId) -> Path {
         Path::from(format!("projects/{p}/owner.json"))
+    }
+    pub(crate) fn build_state(p: &ProjectId) -> Path {
+        Path::from(format!("projects/{p}/build-state.json"))
     }
     pub(crate) fn manifests(p: &ProjectId) -> Path {
         Path::from(format!("projects/{p}/manifests"))

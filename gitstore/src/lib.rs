@@ -8,13 +8,15 @@
 //! Codemap: `server` (HTTP, auth decisions), `receive` (the push path, run as git's pre-receive
 //! hook), `commits` (a commit from a JSON map of files, built in scratch space and sent through
 //! the push path), `browse` (a commit's files, one file's bytes, diffs, for clients without git),
-//! `sync` (blob store → local repo), `manifest` and `blob` (the store layout), `auth`
+//! `sync` (blob store → local repo), `manifest` and `blob` (the store layout), `build_state` (the agent's report of
+//! a project's builds), `auth`
 //! (clients, tokens, ownership), `notify` (where a client wants build notifications, read by
 //! agents), `path_policy` (what is safe to check out), `webhook`, `systemd`
 //! (readiness and watchdog for both daemons' units) and `logging` (journald fields).
 
 pub mod auth;
 pub mod blob;
+pub mod build_state;
 mod browse;
 mod commits;
 pub mod compact;
