@@ -115,6 +115,7 @@ pub async fn compact(
         idx_sha256,
         objects: receive::idx_object_count(&idx).unwrap_or(0),
         replaces: replaced.clone(),
+        from: None,
     };
     for (path, ext) in [(&pack_path, "pack"), (&idx_path, "idx")] {
         let data = tokio::fs::read(path)

@@ -25,6 +25,68 @@ pub struct Manifest {
     pub retired: Vec<Retired>,
     /// Unix seconds.
     pub updated_at: u64,
+    /// Unix seconds of the last change to `refs` (0 before the first push); `updated_at` also
+    /// moves for metadata, shares and compaction.
+    #[serde(default)]
+    pub pushed_at: u64,
+    /// What the generator says about the project: name, labels, free-form JSON.
+    #[serde(default, skip_serializing_if = "ProjectMeta::is_empty")]
+    pub meta: ProjectMeta,
+    /// Set by `DELETE /api/projects/{p}`: the project is gone for its users and is reaped once
+    /// the grace period has passed; a restore clears it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deleted_at: Option<u64>,
+    /// Share links, revoked ones included (they stay listed).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shares: Vec<Share>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProjectMeta {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// Free-form JSON, bounded in size by the API.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<serde_json::Value>,
+}
+
+impl ProjectMeta {
+    pub fn is_empty(&self) -> bool {
+        *self == ProjectMeta::default()
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Share {
+    /// Short public id, used to list and revoke.
+    pub id: String,
+    /// SHA-256 of the share token; the token itself is shown once, at creation.
+    pub token_sha256: String,
+    pub commit: String,
+    pub mode: ShareMode,
+    pub created_at: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked_at: Option<u64>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ShareMode {
+    /// Opens the preview of the shared version.
+    View,
+    /// Also lets another client import the version, with its history, as a new project.
+    Fork,
+}
+
+impl Share {
+    /// Neither revoked nor expired at `now` (unix seconds).
+    pub fn is_live(&self, now: u64) -> bool {
+        self.revoked_at.is_none() && self.expires_at.is_none_or(|e| e > now)
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -40,6 +102,10 @@ pub struct PackEntry {
     /// nothing from this pack.
     #[serde(default)]
     pub replaces: Vec<String>,
+    /// The project whose prefix holds this pack, when it is not this one: an import shares the
+    /// source project's packs instead of copying them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<ProjectId>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

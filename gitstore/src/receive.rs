@@ -255,6 +255,9 @@ async fn accept(ctx: &HookContext, updates: Vec<RefUpdate>) -> Result<PushResult
                 next.packs.push(entry.clone());
             }
         }
+        if !updates.is_empty() {
+            next.pushed_at = next.updated_at;
+        }
         let head_set = next.head.is_none();
         if head_set {
             next.head = default_head(&next.refs);
@@ -353,6 +356,7 @@ fn describe_pack(quarantine: &Path) -> Result<Option<(PackEntry, PathBuf, PathBu
             idx_sha256,
             objects,
             replaces: Vec::new(),
+            from: None,
         },
         pack,
         idx,
