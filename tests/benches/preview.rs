@@ -40,9 +40,9 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use kiln_tests::bench::{self, median, percentile, progress};
 use kiln_tests::{bin, run, shared_volume, Repo, Stack};
 
 /// One-file changes timed per app and engine.
@@ -89,18 +89,9 @@ const APPS: [App; 2] = [
     },
 ];
 
-static STARTED: OnceLock<Instant> = OnceLock::new();
-
-/// A progress line on stderr, so a long run shows where it is (the tables go to stdout).
-fn progress(msg: &str) {
-    let t = STARTED.get_or_init(Instant::now).elapsed();
-    eprintln!("[{:>6.1}s] {msg}", t.as_secs_f64());
-}
-
 fn main() {
     // `cargo bench` passes `--bench` (and any filter); this benchmark has a single scenario.
-    STARTED.get_or_init(Instant::now);
-    let bins = select_binaries();
+    let bins = bench::release_binaries();
     let engines = engines();
     let tmp = tempfile::Builder::new()
         .prefix("kiln-bench-preview-")
@@ -150,7 +141,7 @@ fn main() {
             .to_owned(),
         format!(
             "p90 is nearest-rank over {CHANGES} samples; run took {:.0?}",
-            STARTED.get_or_init(Instant::now).elapsed()
+            bench::elapsed()
         ),
     ] {
         println!("  - {note}");
@@ -161,74 +152,6 @@ fn main() {
 // Setup: binaries, engines, the baselines' pnpm store, the apps
 // ---------------------------------------------------------------------------------------------
 
-/// Points the harness at release binaries (built here) unless `KILN_BIN_DIR` is set; returns a
-/// description for the report.
-fn select_binaries() -> String {
-    if let Some(dir) = std::env::var_os("KILN_BIN_DIR") {
-        return format!("{} (KILN_BIN_DIR)", Path::new(&dir).display());
-    }
-    // This bench runs as <target>/<profile>/deps/preview-<hash>.
-    let exe = std::env::current_exe().expect("the bench's own path");
-    let target = exe
-        .ancestors()
-        .nth(3)
-        .expect("the bench runs from <target>/<profile>/deps")
-        .to_owned();
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("tests/ is in the workspace");
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    progress("cargo build --release -p kiln-agent -p kiln-gitstore --bins");
-    let mut cmd = Command::new(cargo);
-    // Cargo runs this bench with the variables it sets for a crate (CARGO_MANIFEST_DIR, ...).
-    // Some build scripts (ring's) rerun when one changes, so passing them on would rebuild half
-    // the dependency tree here and again on the next plain `cargo build --release`.
-    for (k, _) in std::env::vars_os() {
-        let k = k.to_string_lossy();
-        if k.starts_with("CARGO_PKG_")
-            || k.starts_with("CARGO_BIN_")
-            || [
-                "CARGO_MANIFEST_DIR",
-                "CARGO_MANIFEST_PATH",
-                "CARGO_CRATE_NAME",
-                "CARGO_PRIMARY_PACKAGE",
-                "CARGO_TARGET_TMPDIR",
-                "CARGO_RUSTC_CURRENT_DIR",
-                "OUT_DIR",
-            ]
-            .contains(&&*k)
-        {
-            cmd.env_remove(&*k);
-        }
-    }
-    // Not through `run`: a first release build can take minutes, and cargo's progress shows.
-    let status = cmd
-        .current_dir(workspace)
-        .args([
-            "build",
-            "--release",
-            "-p",
-            "kiln-agent",
-            "-p",
-            "kiln-gitstore",
-        ])
-        .arg("--bins")
-        .arg("--target-dir")
-        .arg(&target)
-        .status()
-        .expect("running cargo");
-    assert!(
-        status.success(),
-        "building the release binaries failed ({status}); or set KILN_BIN_DIR to a directory \
-         holding kiln-agent and kiln-gitstore"
-    );
-    let dir = target.join("release");
-    // Set before any thread starts: the harness reads it for every process it spawns.
-    std::env::set_var("KILN_BIN_DIR", &dir);
-    format!("{} (release)", dir.display())
-}
-
-/// The engines the agent offers: `project` always; `fast` too when `serve --engine` exists.
 fn engines() -> Vec<String> {
     let help = run(Command::new(bin("kiln-agent")).args(["serve", "--help"]));
     assert!(help.ok, "kiln-agent serve --help failed: {}", help.stderr);
@@ -721,18 +644,6 @@ fn bench_app(
 // ---------------------------------------------------------------------------------------------
 // Statistics and the tables
 // ---------------------------------------------------------------------------------------------
-
-/// The nearest-rank percentile `p` (0..=1) of `xs`.
-fn percentile(xs: &[f64], p: f64) -> f64 {
-    let mut v = xs.to_vec();
-    v.sort_by(f64::total_cmp);
-    let rank = ((p * v.len() as f64).ceil() as usize).clamp(1, v.len());
-    v[rank - 1]
-}
-
-fn median(xs: &[f64]) -> f64 {
-    percentile(xs, 0.5)
-}
 
 fn p90(xs: &[f64]) -> f64 {
     percentile(xs, 0.9)

@@ -16,6 +16,9 @@
 //! - [`kiln_sync`]: the `kiln-gitstore sync` command; [`latest_manifest`], [`generation`] and
 //!   [`store_snapshot`] read a file store the way an operator would.
 //! - [`run`] / [`Output`]: run any command with a timeout.
+//! - [`bench`]: what the benchmarks share (release binaries, progress lines, medians).
+
+pub mod bench;
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
