@@ -918,4 +918,91 @@ mod tests {
         );
         assert_eq!(ref_status(b"", "refs/heads/main"), None);
     }
+
+    // The commits API takes JSON from any client: whatever the bytes, parsing answers (never
+    // panics), and what it accepts can be checked out safely, whatever spelling a path uses.
+    mod fuzz {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn hostile_segment() -> impl Strategy<Value = String> {
+            prop_oneof![
+                Just(".git".to_owned()),
+                Just(".GIT".to_owned()),
+                Just(".git ".to_owned()),
+                Just(".git.".to_owned()),
+                Just("git~1".to_owned()),
+                Just("..".to_owned()),
+                Just(".".to_owned()),
+                Just(String::new()),
+                Just("a\\b".to_owned()),
+                Just("\u{200c}.git".to_owned()),
+                Just("ok.txt".to_owned()),
+                Just("src".to_owned()),
+                "[a-z0-9._-]{1,8}",
+                any::<String>(),
+            ]
+        }
+
+        fn path() -> impl Strategy<Value = String> {
+            (
+                any::<bool>(),
+                prop::collection::vec(hostile_segment(), 1..5),
+            )
+                .prop_map(|(abs, segs)| format!("{}{}", if abs { "/" } else { "" }, segs.join("/")))
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(2000))]
+
+            #[test]
+            fn refuses_or_parses_any_bytes_without_panicking(body in prop::collection::vec(any::<u8>(), 0..512)) {
+                let _ = parse(&body, &Limits::default());
+            }
+
+            #[test]
+            fn accepts_only_paths_that_stay_inside_the_checkout(paths in prop::collection::vec(path(), 1..6)) {
+                let files: serde_json::Map<String, serde_json::Value> = paths
+                    .iter()
+                    .map(|p| (p.clone(), serde_json::Value::String("x".into())))
+                    .collect();
+                let body = serde_json::json!({"message": "m", "parent": null, "files": files});
+                if let Ok(req) = parse(body.to_string().as_bytes(), &Limits::default()) {
+                    for (path, _) in &req.changes {
+                        prop_assert!(!path.starts_with('/'), "{path:?}");
+                        prop_assert!(!path.contains('\\') && !path.contains('\0'), "{path:?}");
+                        for seg in path.split('/') {
+                            // What macOS (code points HFS+ ignores) and Windows (case, trailing
+                            // dots and spaces) would open it as.
+                            let seen: String = seg
+                                .chars()
+                                .filter(|c| !matches!(c, '\u{200C}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{206A}'..='\u{206F}' | '\u{FEFF}'))
+                                .collect::<String>()
+                                .to_ascii_lowercase();
+                            let seen = seen.trim_end_matches(['.', ' ']);
+                            prop_assert!(!seg.is_empty() && seg != "." && seg != "..", "{path:?}");
+                            prop_assert!(seen != ".git" && seen != "git~1", "{path:?}");
+                        }
+                    }
+                }
+            }
+
+            #[test]
+            fn keeps_every_accepted_files_bytes_exactly(
+                files in prop::collection::btree_map("[a-z]{1,6}(/[a-z]{1,6}){0,2}\\.txt", any::<String>(), 1..6),
+            ) {
+                let body = serde_json::json!({"message": "m", "parent": null, "files": files});
+                let req = parse(body.to_string().as_bytes(), &Limits::default());
+                // A name may be both a file and a directory prefix of another; that is caught
+                // later, against the tree. Everything else here is valid and must parse.
+                let req = req.map_err(|e| TestCaseError::fail(e.to_string()))?;
+                for (path, change) in &req.changes {
+                    match change {
+                        Change::Blob { data, .. } => prop_assert_eq!(data, files[path].as_bytes()),
+                        other => prop_assert!(false, "{path}: {other:?}"),
+                    }
+                }
+            }
+        }
+    }
 }
