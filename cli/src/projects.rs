@@ -6,18 +6,36 @@ use serde_json::{json, Value};
 use crate::client::{Remote, RemoteError};
 use crate::output::{self, Output};
 
-pub(crate) async fn run(git: &Remote, agent: &Remote, out: &Output) -> anyhow::Result<()> {
-    let listed = git
-        .get("/api/projects")
-        .await
-        .map_err(|e| match e.status() {
+/// Every project gitstore lists, following `next_cursor` page by page (a gitstore from before
+/// paging answers one page without it).
+async fn list_all(git: &Remote) -> anyhow::Result<Vec<Value>> {
+    let mut projects = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let path = match &cursor {
+            Some(c) => format!("/api/projects?limit=1000&cursor={c}"),
+            None => "/api/projects?limit=1000".to_owned(),
+        };
+        let page = git.get(&path).await.map_err(|e| match e.status() {
             // A gitstore from before the route: say so rather than "no such route".
-            Some(404 | 405) => anyhow::anyhow!(
-                "{e}: this gitstore has no GET /api/projects; upgrade kiln-gitstore"
-            ),
+            Some(404 | 405) => {
+                anyhow::anyhow!(
+                    "{e}: this gitstore has no GET /api/projects; upgrade kiln-gitstore"
+                )
+            }
             _ => e.into(),
         })?;
-    let projects = listed["projects"].as_array().cloned().unwrap_or_default();
+        projects.extend(page["projects"].as_array().cloned().unwrap_or_default());
+        match page["next_cursor"].as_str() {
+            // Ids are [a-z0-9-]: nothing to escape in the query.
+            Some(c) if cursor.as_deref() != Some(c) => cursor = Some(c.to_owned()),
+            _ => return Ok(projects),
+        }
+    }
+}
+
+pub(crate) async fn run(git: &Remote, agent: &Remote, out: &Output) -> anyhow::Result<()> {
+    let projects = list_all(git).await?;
     let mut rows = Vec::new();
     let mut agent_problem: Option<RemoteError> = None;
     for p in projects {
@@ -46,11 +64,14 @@ pub(crate) async fn run(git: &Remote, agent: &Remote, out: &Output) -> anyhow::R
             .map(|(p, st)| {
                 json!({
                     "id": p["id"],
+                    "name": p["name"],
+                    "labels": p["labels"],
                     "commit": p["commit"],
                     "head": p["head"],
                     "updated_at": p["updated_at"],
                     "generation": p["generation"],
                     "owner": p["owner"],
+                    "store_bytes": p["store_bytes"],
                     "agent": st.as_ref().map(|st| json!({
                         "state": st["state"],
                         "build": st["build"],

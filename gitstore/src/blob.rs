@@ -8,6 +8,7 @@
 //!   with a Create, so exactly one writer wins it on every backend, the local filesystem included
 //! - `projects/<p>/packs/<pack-name>.{pack,idx}`: immutable packs, named by git's pack checksum
 //! - `projects/<p>/build-state.json`: the agent's report of the project's builds (a cache)
+//! - `projects/<p>/importers/<q>.json`: project `q` lists packs held here (an import)
 
 use std::sync::Arc;
 
@@ -63,8 +64,11 @@ impl BlobStore {
         let inner: Arc<dyn ObjectStore> = if let Some(dir) = local_dir(url) {
             std::fs::create_dir_all(&dir)
                 .map_err(|e| invalid(format!("cannot create {}: {e}", dir.display())))?;
+            // Cleanup removes directories a delete leaves empty, so a purged project leaves no
+            // `projects/<p>/` behind (object stores have no directories to leave).
             let fs = object_store::local::LocalFileSystem::new_with_prefix(&dir)
-                .map_err(|e| invalid(e.to_string()))?;
+                .map_err(|e| invalid(e.to_string()))?
+                .with_automatic_cleanup(true);
             Arc::new(fs)
         } else {
             let parsed = url::Url::parse(url).map_err(|e| invalid(e.to_string()))?;
@@ -195,6 +199,61 @@ impl BlobStore {
             .collect())
     }
 
+    /// Deletes every key under `projects/<p>/` except the packs named in `keep` (packs another
+    /// project's manifest reads from here) and, while any is kept, the importers' records that
+    /// say why (so an importer's purge can still tell). Order matters for a purge cut short:
+    /// everything else goes first, then the manifests oldest first, so whatever is left still
+    /// ends with the newest generation (the one marked deleted) and the next attempt finishes
+    /// the job; then `owner.json`, since its absence is what frees the id. Returns how many keys
+    /// it deleted.
+    pub(crate) async fn purge_project(
+        &self,
+        p: &ProjectId,
+        keep: &std::collections::BTreeSet<String>,
+    ) -> Result<usize, StoreError> {
+        let prefix = Path::from(format!("projects/{p}"));
+        let metas: Vec<_> = self
+            .inner
+            .list(Some(&prefix))
+            .try_collect()
+            .await
+            .map_err(|e| backend("list", &prefix, e))?;
+        let (owner, manifests) = (keys::owner(p), keys::manifests(p));
+        let (packs, importers) = (keys::packs(p), keys::importers(p));
+        let mut first = Vec::new();
+        let mut manifest_keys = Vec::new();
+        let mut has_owner = false;
+        for m in metas {
+            let key = m.location;
+            let kept = key.prefix_matches(&packs)
+                && key
+                    .filename()
+                    .and_then(|f| f.rsplit_once('.'))
+                    .is_some_and(|(name, _)| keep.contains(name));
+            has_owner |= key == owner;
+            let record = !keep.is_empty() && key.prefix_matches(&importers);
+            if kept || record || key == owner {
+                continue;
+            }
+            if key.prefix_matches(&manifests) {
+                manifest_keys.push(key);
+            } else {
+                first.push(key);
+            }
+        }
+        // Generation numbers are zero-padded: name order is generation order.
+        manifest_keys.sort();
+        let n = first.len() + manifest_keys.len() + usize::from(has_owner);
+        for batch in first.chunks(16) {
+            futures::future::try_join_all(batch.iter().map(|k| self.delete(k))).await?;
+        }
+        for k in &manifest_keys {
+            self.delete(k).await?;
+        }
+        self.delete(&owner).await?;
+        Ok(n)
+    }
+
     /// Every project with anything stored: the ids under `projects/`, sorted.
     pub async fn projects(&self) -> Result<Vec<ProjectId>, StoreError> {
         let prefix = Path::from("projects");
@@ -271,5 +330,12 @@ pub(crate) mod keys {
     }
     pub(crate) fn packs(p: &ProjectId) -> Path {
         Path::from(format!("projects/{p}/packs"))
+    }
+    /// Where imports record that they list `holder`'s packs (written by `shares`).
+    pub(crate) fn importers(holder: &ProjectId) -> Path {
+        Path::from(format!("projects/{holder}/importers"))
+    }
+    pub(crate) fn importer(holder: &ProjectId, importer: &ProjectId) -> Path {
+        Path::from(format!("projects/{holder}/importers/{importer}.json"))
     }
 }

@@ -2,8 +2,8 @@
 //! changes between two commits, for generators that do not speak git.
 //!
 //! Everything reads the local repository, which the caller has just synced from the store, with
-//! git plumbing. Commit ids and paths come from clients: each id must be hex and name a commit of
-//! this repository, each path must pass `path_policy`, before git sees them. Outputs are bounded:
+//! git plumbing. Commit ids and paths come from clients: each id must be hex and name a commit a
+//! ref of this project reaches, each path must pass `path_policy`, before git sees them. Outputs are bounded:
 //! a tree by the push limit on files, a diff per file and in total.
 
 use std::path::Path;
@@ -30,7 +30,7 @@ const EMPTY_TREE: &str = "4b825dc642cb6eb9a060e54bf8d69288fbee4904";
 pub(crate) enum BrowseError {
     #[error("{given:?} is not a commit id: {reason}")]
     BadCommit { given: String, reason: &'static str },
-    #[error("commit {given} is not in this project")]
+    #[error("commit {given} is not in this project (no branch or tag of it reaches that commit)")]
     NoCommit { given: String },
     #[error("{given} is a {kind}, not a commit")]
     NotACommit { given: String, kind: String },
@@ -70,7 +70,17 @@ pub(crate) async fn resolve(repo: &Path, given: Option<&str>) -> Result<String, 
     }
     let hex = given.to_ascii_lowercase();
     if let Some(id) = rev_parse(repo, &format!("{hex}^{{commit}}")).await? {
-        return Ok(id);
+        // The repository may hold commits no ref reaches: history a branch dropped, or, after
+        // an import, the source project's later work. Only what the refs reach is this
+        // project's, and the answer for the rest is the same as for a commit that is absent.
+        if reachable(repo, &id).await? {
+            return Ok(id);
+        }
+        return Err(BrowseError::NoCommit { given: hex });
+    }
+    if crate::sync::may_hold_foreign_objects(repo) {
+        // Naming the kind of an object would tell whether another project holds it.
+        return Err(BrowseError::NoCommit { given: hex });
     }
     // Say why: an ambiguous prefix, another kind of object, or nothing at all.
     let out = git::command(repo)
@@ -92,6 +102,18 @@ pub(crate) async fn resolve(repo: &Path, given: Option<&str>) -> Result<String, 
         return Err(bad("ambiguous in this project; give more hex digits"));
     }
     Err(BrowseError::NoCommit { given: hex })
+}
+
+/// Whether a ref of `repo` reaches `commit` (a full id of a commit it holds).
+pub(crate) async fn reachable(repo: &Path, commit: &str) -> Result<bool, BrowseError> {
+    // Empty when a ref reaches the commit; the walk stops where the refs' history begins.
+    let out = git::run(
+        repo,
+        &["rev-list", "-n", "1", commit, "--not", "--all"],
+        b"",
+    )
+    .await?;
+    Ok(out.iter().all(u8::is_ascii_whitespace))
 }
 
 async fn rev_parse(repo: &Path, spec: &str) -> Result<Option<String>, BrowseError> {

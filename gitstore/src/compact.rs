@@ -7,13 +7,17 @@
 //! and are deleted only after a grace period, so a reader still working from an older generation
 //! finds them. Packs no manifest names (left by a push that died before publishing) are deleted
 //! after the same grace period.
+//!
+//! Packs listed `from` another project (an import) are never retired or deleted here: they are
+//! that project's. Compacting an importer folds what it needs of them into a pack of its own and
+//! stops listing them; the holder keeps them while any importer lists them.
 
 use std::path::Path;
 use std::time::Duration;
 
 use crate::blob::{keys, BlobStore, StoreError};
 use crate::git::{self, GitError};
-use crate::manifest::{self, unix_now, ManifestError, Publish, Retired};
+use crate::manifest::{self, unix_now, Manifest, ManifestError, Publish, Retired};
 use crate::project::ProjectId;
 use crate::receive;
 use crate::sync::{self, SyncError};
@@ -56,6 +60,8 @@ pub enum CompactError {
     Sync(#[from] SyncError),
     #[error(transparent)]
     Git(#[from] GitError),
+    #[error(transparent)]
+    Share(#[from] crate::shares::ShareError),
     #[error("{0}")]
     Local(String),
 }
@@ -72,24 +78,54 @@ pub async fn compact(
         ..Default::default()
     };
     let repo = work_dir.join(format!("{project}.git"));
-    sync::sync_repo(store, project, &repo).await?;
-    let base = manifest::latest(store, project).await?;
+    let latest = manifest::latest(store, project).await?;
+    if latest.packs.len() < opts.min_packs {
+        return Ok(report);
+    }
+    // Which objects go into the new pack depends on which pack holds them when another
+    // project's packs are involved, so the repository must hold exactly the manifest's packs:
+    // start it afresh. The same when it held another project's packs before (an import that an
+    // earlier compaction made independent), so that none of those objects is folded in.
+    let fresh =
+        latest.packs.iter().any(|p| p.from.is_some()) || sync::may_hold_foreign_objects(&repo);
+    if fresh {
+        match std::fs::remove_dir_all(&repo) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(CompactError::Local(format!("{}: {e}", repo.display())))
+            }
+            _ => {}
+        }
+    }
+    let synced = sync::sync_repo(store, project, &repo).await?;
+    // Exactly the generation the repository holds: a newer one may list packs it lacks, and
+    // replacing those with a pack built without them would lose their objects.
+    let base = manifest::read(store, project, synced.generation).await?;
     if base.packs.len() < opts.min_packs {
         return Ok(report);
     }
+    let shared = base.packs.iter().any(|p| p.from.is_some());
+    if shared && !fresh {
+        return Err(CompactError::Local(
+            "the project imported packs while it was being compacted; compact again".into(),
+        ));
+    }
     report.bytes_before = base.packs.iter().map(|p| p.pack_size).sum();
 
-    // Every object the repository holds: a superset of the listed packs' objects.
-    let ids = git::run(
-        &repo,
-        &[
-            "cat-file",
-            "--batch-all-objects",
-            "--batch-check=%(objectname)",
-        ],
-        b"",
-    )
-    .await?;
+    let ids = if shared {
+        own_and_reachable(&repo, &base).await?
+    } else {
+        // Every object the repository holds: a superset of the listed packs' objects.
+        git::run(
+            &repo,
+            &[
+                "cat-file",
+                "--batch-all-objects",
+                "--batch-check=%(objectname)",
+            ],
+            b"",
+        )
+        .await?
+    };
     let scratch = tempfile::tempdir_in(work_dir).map_err(|e| CompactError::Local(e.to_string()))?;
     let prefix = scratch.path().join("pack");
     let out = git::run(
@@ -107,6 +143,12 @@ pub async fn compact(
     let (idx_size, idx_sha256) = receive::hash_file(&idx_path).map_err(local)?;
     let idx = std::fs::read(&idx_path).map_err(|e| CompactError::Local(e.to_string()))?;
     let replaced: Vec<String> = base.packs.iter().map(|p| p.name.clone()).collect();
+    let own_replaced: Vec<String> = base
+        .packs
+        .iter()
+        .filter(|p| p.from.is_none())
+        .map(|p| p.name.clone())
+        .collect();
     let entry = manifest::PackEntry {
         name: name.clone(),
         pack_size,
@@ -141,7 +183,8 @@ pub async fn compact(
         // Retired packs past the grace period were deleted by collect_garbage above.
         next.retired
             .retain(|r| r.retired_at + opts.grace.as_secs() > now);
-        next.retired.extend(replaced.iter().map(|n| Retired {
+        // Another project's packs are its own to delete: this one only stops listing them.
+        next.retired.extend(own_replaced.iter().map(|n| Retired {
             name: n.clone(),
             retired_at: now,
         }));
@@ -161,6 +204,47 @@ pub async fn compact(
     ))
 }
 
+/// The objects a compacted pack of a project that lists other projects' packs may hold: every
+/// object of its own packs, and of the others only what its refs and live shares reach. The
+/// other packs may hold objects the project was never given (the source's later commits), which
+/// must not become the importer's own.
+async fn own_and_reachable(repo: &Path, m: &Manifest) -> Result<Vec<u8>, CompactError> {
+    let mut ids = std::collections::BTreeSet::new();
+    for p in m.packs.iter().filter(|p| p.from.is_none()) {
+        let idx_path = repo.join(format!("objects/pack/{}.idx", p.name));
+        let idx = tokio::fs::read(&idx_path)
+            .await
+            .map_err(|e| CompactError::Local(format!("{}: {e}", idx_path.display())))?;
+        // `<offset> <id> (<crc>)` per object.
+        let out = git::run(repo, &["show-index"], &idx).await?;
+        ids.extend(
+            String::from_utf8_lossy(&out)
+                .lines()
+                .filter_map(|l| l.split(' ').nth(1).map(str::to_owned)),
+        );
+    }
+    let now = unix_now();
+    let mut args = vec!["rev-list", "--objects", "--ignore-missing", "--all"];
+    args.extend(
+        m.shares
+            .iter()
+            .filter(|s| s.is_live(now))
+            .map(|s| s.commit.as_str()),
+    );
+    let out = git::run(repo, &args, b"").await?;
+    ids.extend(
+        String::from_utf8_lossy(&out)
+            .lines()
+            .filter_map(|l| l.split(' ').next().map(str::to_owned)),
+    );
+    let mut list = Vec::new();
+    for id in ids.into_iter().filter(|id| !id.is_empty()) {
+        list.extend_from_slice(id.as_bytes());
+        list.push(b'\n');
+    }
+    Ok(list)
+}
+
 /// Deletes retired packs past their grace period and orphaned packs no manifest names.
 async fn collect_garbage(
     store: &BlobStore,
@@ -171,6 +255,7 @@ async fn collect_garbage(
     let now = unix_now();
     let grace = grace.as_secs();
     let mut deleted = 0;
+    let mut in_use = None;
     let mut names = std::collections::BTreeMap::new();
     for listed in store.list(&keys::packs(project), None).await? {
         if let Some((name, _)) = listed.name.rsplit_once('.') {
@@ -188,6 +273,13 @@ async fn collect_garbage(
             None => modified + grace <= now,
         };
         if expired {
+            // An importer may still list the pack (`from` this project): it stays until none does.
+            if in_use.is_none() {
+                in_use = Some(crate::shares::packs_in_use_by_importers(store, project).await?);
+            }
+            if in_use.as_ref().is_some_and(|u| u.contains(name)) {
+                continue;
+            }
             for ext in ["pack", "idx"] {
                 store.delete(&keys::pack(project, name, ext)).await?;
             }

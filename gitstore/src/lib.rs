@@ -8,7 +8,9 @@
 //! Codemap: `server` (HTTP, auth decisions), `receive` (the push path, run as git's pre-receive
 //! hook), `commits` (a commit from a JSON map of files, built in scratch space and sent through
 //! the push path), `browse` (a commit's files, one file's bytes, diffs, for clients without git),
-//! `sync` (blob store → local repo), `manifest` and `blob` (the store layout), `build_state` (the agent's report of
+//! `sync` (blob store → local repo), `catalog` (the
+//! per-node SQLite cache of every project's owner, name, labels and usage, rebuilt from the
+//! store), `manifest` and `blob` (the store layout), `build_state` (the agent's report of
 //! a project's builds), `auth`
 //! (clients, tokens, ownership), `notify` (where a client wants build notifications, read by
 //! agents), `path_policy` (what is safe to check out), `webhook`, `systemd`
@@ -16,8 +18,9 @@
 
 pub mod auth;
 pub mod blob;
-pub mod build_state;
 mod browse;
+pub mod build_state;
+mod catalog;
 mod commits;
 pub mod compact;
 mod git;
@@ -29,6 +32,7 @@ pub mod path_policy;
 pub mod project;
 pub mod receive;
 pub mod server;
+pub mod shares;
 pub mod sync;
 pub mod systemd;
 pub mod webhook;

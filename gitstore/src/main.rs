@@ -104,6 +104,19 @@ struct ServeArgs {
     /// exits anyway; keep it below the unit's TimeoutStopSec= (75 s), or systemd SIGKILLs first.
     #[arg(long, env = "KILN_GITSTORE_DRAIN_SECS", default_value_t = 60)]
     drain_secs: u64,
+    /// The project catalog (SQLite, a cache rebuilt from the store when missing);
+    /// default `<data dir>/catalog.sqlite3`.
+    #[arg(long, env = "KILN_CATALOG")]
+    catalog: Option<PathBuf>,
+    /// Seconds a deleted project stays restorable before its blobs are purged.
+    #[arg(long, env = "KILN_DELETE_GRACE_SECS", default_value_t = 7 * 24 * 3600)]
+    delete_grace_secs: u64,
+    /// Projects a client may have (unless the admin set its own quota).
+    #[arg(long, env = "KILN_QUOTA_PROJECTS", default_value_t = 10_000)]
+    quota_projects: u64,
+    /// Pack bytes a client's projects may store (unless the admin set its own quota).
+    #[arg(long, env = "KILN_QUOTA_STORED_BYTES", default_value_t = 20 << 30)]
+    quota_stored_bytes: u64,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -191,6 +204,21 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 a.cors_origin
             );
             let drain = Duration::from_secs(a.drain_secs);
+            let quotas = gitstore::auth::Quotas {
+                projects: Some(a.quota_projects),
+                stored_bytes: Some(a.quota_stored_bytes),
+                ..Default::default()
+            };
+            let catalog_path = a
+                .catalog
+                .unwrap_or_else(|| a.data_dir.join("catalog.sqlite3"));
+            log::info!(
+                "default quotas: {} projects, {} stored bytes per client; deleted projects purged after {} s; catalog {}",
+                a.quota_projects,
+                a.quota_stored_bytes,
+                a.delete_grace_secs,
+                catalog_path.display()
+            );
             let cfg = server::Config {
                 listen: a.listen,
                 store_url: a.store,
@@ -210,6 +238,9 @@ async fn run(command: Command) -> anyhow::Result<()> {
                     min_packs: a.compact_min_packs.max(2),
                     grace: Duration::from_secs(a.compact_grace_secs),
                 },
+                catalog_path,
+                delete_grace: Duration::from_secs(a.delete_grace_secs),
+                quotas,
             };
             serve(cfg, drain).await?;
         }

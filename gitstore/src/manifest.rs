@@ -142,6 +142,39 @@ impl Manifest {
         self.packs.iter().find(|p| p.name == name)
     }
 
+    /// The commit of the branch HEAD names, if that branch exists.
+    pub fn head_commit(&self) -> Option<&str> {
+        self.head
+            .as_ref()
+            .and_then(|h| self.refs.get(h))
+            .map(String::as_str)
+    }
+
+    /// Pack and index bytes under this project's own prefix: what it costs in the store.
+    pub fn store_bytes(&self) -> u64 {
+        self.packs
+            .iter()
+            .filter(|p| p.from.is_none())
+            .map(|p| p.pack_size + p.idx_size)
+            .sum()
+    }
+
+    /// Pack and index bytes this project reads from other projects' prefixes (imports).
+    pub fn shared_bytes(&self) -> u64 {
+        self.packs
+            .iter()
+            .filter(|p| p.from.is_some())
+            .map(|p| p.pack_size + p.idx_size)
+            .sum()
+    }
+
+    /// The projects whose prefixes hold some of this project's packs, each once, sorted.
+    pub fn pack_sources(&self) -> Vec<ProjectId> {
+        let set: std::collections::BTreeSet<&ProjectId> =
+            self.packs.iter().filter_map(|p| p.from.as_ref()).collect();
+        set.into_iter().cloned().collect()
+    }
+
     /// The successor of this manifest, to be filled in and published.
     pub fn next(&self) -> Manifest {
         Manifest {

@@ -55,6 +55,17 @@ pub struct HookContext {
     /// Test-only fault injection: `pause-before-manifest:<marker file>`.
     #[serde(default)]
     pub fault: Option<String>,
+    /// The owner's stored-bytes quota as the server counted it before the push.
+    #[serde(default)]
+    pub stored_quota: Option<StoredQuota>,
+}
+
+/// A client's stored-bytes limit and what its projects store already: a push whose pack would
+/// take `used` past `limit` is refused before anything is uploaded.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
+pub struct StoredQuota {
+    pub limit: u64,
+    pub used: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -97,6 +108,8 @@ pub enum PushError {
     TooDeep { path: String, limit: u32 },
     #[error("push is {size} bytes, over the {limit}-byte limit")]
     PushTooLarge { size: u64, limit: u64 },
+    #[error("stored_bytes quota: this push adds {size} bytes to the {used} your projects store, past your quota of {limit} bytes; delete projects you no longer need or ask the operator to raise the quota")]
+    Quota { size: u64, used: u64, limit: u64 },
     #[error("{name}: only branches (refs/heads/*) and tags (refs/tags/*) can be pushed")]
     BadRef { name: String },
     #[error("{name}: must point at a commit or a tag of one")]
@@ -199,6 +212,9 @@ async fn accept(ctx: &HookContext, updates: Vec<RefUpdate>) -> Result<PushResult
             .await
             .map_err(|e| PushError::Internal(e.to_string()))??;
     }
+    if !tips.is_empty() && crate::sync::may_hold_foreign_objects(&repo) {
+        check_only_own_objects(&repo, quarantine.as_deref(), &tips).await?;
+    }
     let pack = match &quarantine {
         Some(q) => describe_pack(q)?,
         None => None,
@@ -209,6 +225,15 @@ async fn accept(ctx: &HookContext, updates: Vec<RefUpdate>) -> Result<PushResult
                 size: entry.pack_size,
                 limit: ctx.limits.max_push_bytes,
             });
+        }
+        if let Some(q) = ctx.stored_quota {
+            if q.used.saturating_add(entry.pack_size) > q.limit {
+                return Err(PushError::Quota {
+                    size: entry.pack_size,
+                    used: q.used,
+                    limit: q.limit,
+                });
+            }
         }
     }
 
@@ -286,6 +311,79 @@ async fn accept(ctx: &HookContext, updates: Vec<RefUpdate>) -> Result<PushResult
     Err(PushError::Internal(
         "too much contention on the project manifest; push again".into(),
     ))
+}
+
+/// After an import the repository also holds the source project's objects past the shared
+/// commit. A push must not make them this project's by naming one it did not send (a ref, a
+/// parent or a tree entry whose id the pusher learnt elsewhere): every object the new tips reach
+/// is either in the push or already reachable from this project's refs. The answer for one that
+/// is not is the same as for an object that is absent.
+async fn check_only_own_objects(
+    repo: &Path,
+    quarantine: Option<&Path>,
+    tips: &[String],
+) -> Result<(), PushError> {
+    // Run in the hook's environment, which git points at the quarantine with the repository's
+    // objects as an alternate, so the walk sees both.
+    let rev_list = |args: Vec<String>| async move {
+        let out = tokio::process::Command::new("git")
+            .args(&args)
+            .current_dir(repo)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .await
+            .map_err(|e| PushError::Internal(format!("git rev-list: {e}")))?;
+        if !out.status.success() {
+            return Err(PushError::Internal(format!(
+                "git rev-list: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.split(' ').next())
+            .filter(|id| !id.is_empty())
+            .map(str::to_owned)
+            .collect::<Vec<String>>())
+    };
+    let mut args: Vec<String> = vec!["rev-list".into(), "--objects".into()];
+    args.extend(tips.iter().cloned());
+    args.extend(["--not".into(), "--all".into()]);
+    let new = rev_list(args).await?;
+    let q = quarantine.map(Path::to_owned);
+    let outside = tokio::task::spawn_blocking(move || -> Result<Vec<String>, PushError> {
+        let Some(q) = q else { return Ok(new) };
+        let odb = gix::odb::at(q, gix::hash::Kind::Sha1)
+            .map_err(|e| PushError::Internal(e.to_string()))?;
+        let mut outside = Vec::new();
+        for id in new {
+            let oid = parse_id(&id)?;
+            if odb
+                .try_header(&oid)
+                .map_err(|e| PushError::Internal(e.to_string()))?
+                .is_none()
+            {
+                outside.push(id);
+            }
+        }
+        Ok(outside)
+    })
+    .await
+    .map_err(|e| PushError::Internal(e.to_string()))??;
+    if outside.is_empty() {
+        return Ok(());
+    }
+    // Rare: a client that left out an object an older commit of a ref reaches (the walk above
+    // only stops at the refs' tips). Settle it with the whole reachable set.
+    let reachable: HashSet<String> =
+        rev_list(vec!["rev-list".into(), "--objects".into(), "--all".into()])
+            .await?
+            .into_iter()
+            .collect();
+    match outside.into_iter().find(|id| !reachable.contains(id)) {
+        Some(id) => Err(PushError::MissingObject { id }),
+        None => Ok(()),
+    }
 }
 
 fn check_not_stale(base: &Manifest, u: &RefUpdate) -> Result<(), PushError> {

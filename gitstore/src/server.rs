@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{Path, Query, RawQuery, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -20,15 +20,18 @@ use futures::TryStreamExt;
 use serde::Deserialize;
 use tokio::io::AsyncWriteExt;
 
-use crate::auth::{self, AuthError, Client};
-use crate::blob::BlobStore;
+use crate::auth::{self, AuthError, Client, Owner, Quotas};
+use crate::blob::{self, BlobStore, StoreError};
 use crate::browse::{self, BrowseError};
+use crate::build_state;
+use crate::catalog::{self, Catalog, CatalogError, Entry};
 use crate::commits::{self, CommitError};
 use crate::git;
-use crate::manifest;
+use crate::manifest::{self, Share, ShareMode};
 use crate::metrics::Metrics;
 use crate::project::ProjectId;
-use crate::receive::{HookContext, Limits, PushResult};
+use crate::receive::{HookContext, Limits, PushResult, StoredQuota};
+use crate::shares::{self, ShareError};
 use crate::sync::{self, SyncReport};
 use crate::webhook::Notifier;
 
@@ -50,6 +53,12 @@ pub struct Config {
     /// Test-only fault injection handed to the hook.
     pub fault: Option<String>,
     pub compact: crate::compact::CompactOptions,
+    /// The project catalog's SQLite file: a cache, rebuilt from the store when missing.
+    pub catalog_path: PathBuf,
+    /// How long a deleted project stays restorable before the reaper purges it from the store.
+    pub delete_grace: Duration,
+    /// The `projects` and `stored_bytes` quotas of clients the admin set none for.
+    pub quotas: Quotas,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -62,6 +71,8 @@ pub enum ServeError {
         #[source]
         source: std::io::Error,
     },
+    #[error("opening the project catalog: {0}")]
+    Catalog(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
 #[derive(Clone)]
@@ -80,9 +91,14 @@ struct Inner {
     owners: Mutex<HashMap<ProjectId, String>>,
     /// Projects with a compaction running on this node.
     compacting: Mutex<std::collections::HashSet<ProjectId>>,
+    catalog: Catalog,
 }
 
+/// How long a client record (its revocation and its quotas included) is trusted from the token
+/// cache: an admin change reaches every node within this time (the node that made it at once).
 const TOKEN_TTL: Duration = Duration::from_secs(5);
+/// How long a request waits for the catalog's rebuild at start before it is told to retry.
+const CATALOG_WAIT: Duration = Duration::from_secs(20);
 const MAX_NEGOTIATION_BYTES: u64 = 64 << 20;
 
 impl App {
@@ -108,7 +124,9 @@ impl App {
             cfg.webhook_secret.clone().into_bytes(),
             metrics.clone(),
         );
-        Ok(Self(Arc::new(Inner {
+        let (catalog, rebuild) =
+            Catalog::open(&cfg.catalog_path).map_err(|e| ServeError::Catalog(e.into()))?;
+        let app = Self(Arc::new(Inner {
             cfg,
             store,
             metrics,
@@ -118,7 +136,10 @@ impl App {
             tokens: Mutex::default(),
             owners: Mutex::default(),
             compacting: Mutex::default(),
-        })))
+            catalog,
+        }));
+        app.spawn_catalog_and_reaper(rebuild);
+        Ok(app)
     }
 }
 
@@ -127,13 +148,28 @@ pub fn router(app: App) -> Router {
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .route("/api/clients", post(create_client).get(list_clients))
-        .route("/api/clients/{id}", delete(revoke_client))
+        .route(
+            "/api/clients/{id}",
+            delete(revoke_client).patch(set_client_quotas),
+        )
         .route("/api/projects", post(create_project).get(list_projects))
-        .route("/api/projects/{id}", get(project_info))
+        .route(
+            "/api/projects/{id}",
+            get(project_info)
+                .patch(patch_project)
+                .delete(delete_project),
+        )
+        .route("/api/projects/{id}/restore", post(restore_project))
         .route("/api/projects/{id}/commits", post(create_commit))
         .route("/api/projects/{id}/tree", get(project_tree))
         .route("/api/projects/{id}/files/{*path}", get(project_file))
         .route("/api/projects/{id}/diff", get(project_diff))
+        .route(
+            "/api/projects/{id}/shares",
+            post(create_share).get(list_shares),
+        )
+        .route("/api/projects/{id}/shares/{share}", delete(revoke_share))
+        .route("/api/projects/{id}/import", post(import_project))
         .route(
             "/api/notifications",
             get(notification_info)
@@ -392,8 +428,10 @@ impl App {
                 ))
             }
             _ => {
+                self.check_projects_quota(client).await?;
                 if auth::claim_project(&self.0.store, project, &client.id).await? {
                     log::info!(project:% = project, client = client.id.as_str(); "project created");
+                    self.published(project).await;
                 }
             }
         }
@@ -458,6 +496,7 @@ impl App {
         let m = &self.0.metrics;
         m.add(&m.sync_bytes, report.bytes_fetched);
         m.add(&m.sync_packs, report.packs_fetched as u64);
+        self.follow(project, report.generation).await;
         Ok(report)
     }
 
@@ -511,8 +550,11 @@ impl App {
             let dir = app.0.cfg.data_dir.join("compact");
             let res =
                 crate::compact::compact(&app.0.store, &project, &dir, &app.0.cfg.compact).await;
-            if let Err(e) = res {
-                log::warn!(project:% = project; "compaction failed, will retry after a later push: {e}");
+            match res {
+                Ok(_) => app.published(&project).await,
+                Err(e) => {
+                    log::warn!(project:% = project; "compaction failed, will retry after a later push: {e}")
+                }
             }
             app.0.compacting.lock().expect("lock").remove(&project);
         });
@@ -584,7 +626,22 @@ async fn info_refs(
         .await
         .map_err(ApiError::plain)?;
     app.sync(&project).await.map_err(ApiError::plain)?;
-    let proto = if write { None } else { protocol_v2(&headers) };
+    if write {
+        // Refused here rather than after the pack is sent: git shows this answer's text.
+        app.writable(&who, &project)
+            .await
+            .map_err(ApiError::plain)?;
+        if let Some(q) = app.stored_quota(&who).await.map_err(ApiError::plain)? {
+            if q.used >= q.limit {
+                return Err(stored_bytes_exceeded(q.limit, q.used, 0).plain());
+            }
+        }
+    }
+    let proto = if write {
+        None
+    } else {
+        upload_protocol(&app, &project, &headers)
+    };
     let dir = app.repo_dir(&project);
     let mut cmd = git::command(&dir);
     for c in app.git_configs() {
@@ -719,7 +776,7 @@ async fn upload_pack(
         cmd.arg("-c").arg(c);
     }
     cmd.args(["upload-pack", "--stateless-rpc", "."]);
-    if let Some(p) = protocol_v2(&headers) {
+    if let Some(p) = upload_protocol(&app, &project, &headers) {
         cmd.env("GIT_PROTOCOL", p);
     }
     let mut child = cmd
@@ -765,8 +822,12 @@ async fn receive_pack(
     let lock = app.lock(&project);
     let _guard = lock.lock().await;
     app.sync_locked(&project).await.map_err(ApiError::plain)?;
+    app.writable(&who, &project)
+        .await
+        .map_err(ApiError::plain)?;
+    let quota = app.stored_quota(&who).await.map_err(ApiError::plain)?;
 
-    let received = app.receive(&project, &headers, body).await?;
+    let received = app.receive(&project, &headers, body, quota).await?;
     Ok((
         [
             (
@@ -799,6 +860,7 @@ impl App {
         project: &ProjectId,
         headers: &HeaderMap,
         body: Body,
+        stored_quota: Option<StoredQuota>,
     ) -> ApiResult<Received> {
         let scratch = tempfile::Builder::new()
             .prefix("push-")
@@ -811,6 +873,7 @@ impl App {
             limits: self.0.cfg.limits.clone(),
             result_path: result_path.clone(),
             fault: self.0.cfg.fault.clone(),
+            stored_quota,
         };
         let mut cmd = git::command(&self.repo_dir(project));
         for c in self.git_configs() {
@@ -858,6 +921,7 @@ impl App {
                 }
                 m.inc(&m.pushes_accepted);
                 m.add(&m.push_pack_bytes, result.pack_bytes);
+                self.published(project).await;
                 for u in &result.updates {
                     log::info!(project:% = project, generation = result.generation, r#ref = u.name.as_str(), new = u.new.as_str(); "push stored");
                     self.0
@@ -938,11 +1002,50 @@ async fn create_client(
 async fn list_clients(State(app): State<App>, headers: HeaderMap) -> ApiResult<Response> {
     app.admin(&headers).await?;
     let clients = auth::list_clients(&app.0.store).await?;
+    // Usage is shown when the catalog is complete; a listing does not wait for a rebuild.
+    let usage = match app.0.catalog.wait_ready(Duration::ZERO).await {
+        Ok(()) => Some(app.0.catalog.usage_by_owner().await?),
+        Err(_) => None,
+    };
     let list: Vec<_> = clients
         .iter()
-        .map(|c| serde_json::json!({"id": c.id, "name": c.name, "created_at": c.created_at, "revoked": c.revoked}))
+        .map(|c| {
+            let used = usage
+                .as_ref()
+                .map(|u| u.get(&c.id).copied().unwrap_or_default());
+            serde_json::json!({
+                "id": c.id,
+                "name": c.name,
+                "created_at": c.created_at,
+                "revoked": c.revoked,
+                "quotas": c.quotas,
+                "usage": used.map(|u| serde_json::json!({"projects": u.projects, "stored_bytes": u.stored_bytes})),
+            })
+        })
         .collect();
-    Ok(Json(serde_json::json!({ "clients": list })).into_response())
+    Ok(
+        Json(serde_json::json!({ "clients": list, "default_quotas": app.0.cfg.quotas }))
+            .into_response(),
+    )
+}
+
+/// `PATCH /api/clients/<id>` with a `Quotas` object (admin token): replaces the client's quotas;
+/// an unset one takes the daemons' default. Other nodes apply it within `TOKEN_TTL`.
+async fn set_client_quotas(
+    State(app): State<App>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> ApiResult<Response> {
+    app.admin(&headers).await?;
+    if id.len() != 12 || !id.bytes().all(|b| b.is_ascii_alphanumeric()) {
+        return Err(AuthError::NoSuchClient(id).into());
+    }
+    let quotas: Quotas = json_body(&body)?;
+    let c = auth::set_quotas(&app.0.store, &id, quotas).await?;
+    app.0.tokens.lock().expect("lock").clear();
+    log::info!(client = c.id.as_str(), quotas:? = c.quotas; "client quotas set");
+    Ok(Json(serde_json::json!({"id": c.id, "name": c.name, "quotas": c.quotas})).into_response())
 }
 
 async fn revoke_client(
@@ -981,7 +1084,14 @@ async fn create_project(
             "projects belong to clients; create them with a client token",
         ));
     };
+    // Only a new project counts against the quota: re-creating one's own is a no-op.
+    if auth::owner(&app.0.store, &project).await?.is_none() {
+        app.check_projects_quota(c).await?;
+    }
     let created = auth::claim_project(&app.0.store, &project, &c.id).await?;
+    if created {
+        app.published(&project).await;
+    }
     let status = if created {
         StatusCode::CREATED
     } else {
@@ -994,69 +1104,784 @@ async fn create_project(
         .into_response())
 }
 
+// ---------------------------------------------------------------------------------------------
+// Projects: metadata, listing, deletion, quotas
+// ---------------------------------------------------------------------------------------------
+
+impl From<CatalogError> for ApiError {
+    fn from(e: CatalogError) -> Self {
+        match e {
+            CatalogError::NotReady => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "catalog_rebuilding",
+                "the project catalog is being rebuilt from the blob store after a restart; try again in a few seconds",
+            ),
+            e => Self::internal(e),
+        }
+    }
+}
+
+/// Why a purge stopped; the reaper logs it and tries again at its next round.
+#[derive(Debug, thiserror::Error)]
+enum PurgeError {
+    #[error(transparent)]
+    Manifest(#[from] manifest::ManifestError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    #[error(transparent)]
+    Catalog(#[from] CatalogError),
+    #[error(transparent)]
+    Share(#[from] ShareError),
+}
+
+const ZERO_ID: &str = "0000000000000000000000000000000000000000";
+const MAX_NAME_CHARS: usize = 200;
+const MAX_LABELS: usize = 32;
+const MAX_LABEL_VALUE_CHARS: usize = 200;
+const MAX_METADATA_BYTES: usize = 16 << 10;
+const MAX_LABEL_FILTERS: usize = 16;
+
+fn quota_exceeded(status: StatusCode, quota: &str, limit: u64, used: u64, msg: String) -> ApiError {
+    ApiError::new(status, "quota", msg)
+        .with("quota", quota.into())
+        .with("limit", limit.into())
+        .with("used", used.into())
+}
+
+/// 413 for a write of `size` bytes that `used` leaves no room for under `limit`.
+fn stored_bytes_exceeded(limit: u64, used: u64, size: u64) -> ApiError {
+    let msg = if size == 0 {
+        format!("stored_bytes quota: your projects store {used} bytes, your quota is {limit}; delete projects you no longer need or ask the operator to raise the quota")
+    } else {
+        format!("stored_bytes quota: this commit adds {size} bytes to the {used} your projects store, past your quota of {limit} bytes; delete projects you no longer need or ask the operator to raise the quota")
+    };
+    quota_exceeded(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "stored_bytes",
+        limit,
+        used,
+        msg,
+    )
+}
+
+impl App {
+    /// Rebuilds the catalog when it needs it (retrying while the store is unreachable), then
+    /// reaps deleted projects at start and every `min(grace / 4, 10 min)`. Holds the app weakly,
+    /// so dropping the last handle ends it.
+    fn spawn_catalog_and_reaper(&self, rebuild: bool) {
+        let weak = Arc::downgrade(&self.0);
+        let every =
+            (self.0.cfg.delete_grace / 4).clamp(Duration::from_secs(1), Duration::from_secs(600));
+        tokio::spawn(async move {
+            let mut delay = Duration::from_secs(1);
+            let mut rebuilt = !rebuild;
+            while !rebuilt {
+                let Some(app) = weak.upgrade().map(App) else {
+                    return;
+                };
+                let started = Instant::now();
+                match app.0.catalog.rebuild(&app.0.store).await {
+                    Ok(n) => {
+                        log::info!(projects = n, ms = started.elapsed().as_millis() as u64; "project catalog rebuilt from the blob store");
+                        rebuilt = true;
+                    }
+                    Err(e) => {
+                        log::warn!(
+                            "rebuilding the project catalog failed, retrying in {delay:?}: {e}"
+                        );
+                        drop(app);
+                        tokio::time::sleep(delay).await;
+                        delay = (delay * 2).min(Duration::from_secs(60));
+                    }
+                }
+            }
+            loop {
+                let Some(app) = weak.upgrade().map(App) else {
+                    return;
+                };
+                app.reap().await;
+                drop(app);
+                tokio::time::sleep(every).await;
+            }
+        });
+    }
+
+    /// The client's `projects` and `stored_bytes` limits, its own or the operator's defaults.
+    fn quotas(&self, client: &Client) -> Quotas {
+        client.quotas.or(&self.0.cfg.quotas)
+    }
+
+    async fn usage(&self, client: &Client) -> ApiResult<catalog::Usage> {
+        self.0.catalog.wait_ready(CATALOG_WAIT).await?;
+        Ok(self.0.catalog.usage(&client.id).await?)
+    }
+
+    /// Refuses a new project past the client's `projects` quota (429). Deleted projects do not
+    /// count; restoring one counts again. Nodes count from their own catalogs, so two creations
+    /// racing on two nodes may both pass: a soft limit.
+    async fn check_projects_quota(&self, client: &Client) -> ApiResult<()> {
+        let Some(limit) = self.quotas(client).projects else {
+            return Ok(());
+        };
+        let used = self.usage(client).await?.projects;
+        if used >= limit {
+            return Err(quota_exceeded(
+                StatusCode::TOO_MANY_REQUESTS,
+                "projects",
+                limit,
+                used,
+                format!("projects quota: your client has {used} projects, its quota is {limit}; delete projects you no longer need (DELETE /api/projects/<id>) or ask the operator to raise the quota"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The writer's stored-bytes limit and usage, for the checks before and inside a push.
+    async fn stored_quota(&self, who: &Principal) -> ApiResult<Option<StoredQuota>> {
+        let Principal::Client(client) = who else {
+            return Ok(None);
+        };
+        let Some(limit) = self.quotas(client).stored_bytes else {
+            return Ok(None);
+        };
+        let used = self.usage(client).await?.stored_bytes;
+        Ok(Some(StoredQuota { limit, used }))
+    }
+
+    /// Brings the catalog row of `project` up to date after this node changed it in the store.
+    /// Only logged on failure: the store holds the change, and the row catches up at the next
+    /// sync of the project or rebuild.
+    pub(crate) async fn published(&self, project: &ProjectId) {
+        if let Err(e) = self.0.catalog.refresh(&self.0.store, project).await {
+            log::warn!(project:% = project; "project catalog not updated: {e}");
+        }
+    }
+
+    /// [`Self::published`] when the new manifest is at hand.
+    async fn record(&self, project: &ProjectId, owner: &Owner, m: &manifest::Manifest) {
+        if let Err(e) = self.0.catalog.put(Entry::new(project, owner, m)).await {
+            log::warn!(project:% = project; "project catalog not updated: {e}");
+        }
+    }
+
+    /// After a sync to `generation`: refreshes the catalog row when another node published
+    /// since this one last wrote it.
+    async fn follow(&self, project: &ProjectId, generation: u64) {
+        match self.0.catalog.get(project).await {
+            Ok(Some(e)) if e.generation == generation => {}
+            _ => self.published(project).await,
+        }
+    }
+
+    /// The catalog entry of a project about to be written, after `authorize` and a sync: 410
+    /// when it is deleted. When its owner record is gone (purged since this node cached the
+    /// owner), the write claims the id afresh, as for a new project.
+    async fn writable(&self, who: &Principal, project: &ProjectId) -> ApiResult<Entry> {
+        let entry = match self.0.catalog.get(project).await? {
+            Some(e) => Some(e),
+            None => self.0.catalog.refresh(&self.0.store, project).await?,
+        };
+        let entry = match entry {
+            Some(e) => e,
+            None => {
+                self.0.owners.lock().expect("lock").remove(project);
+                self.authorize(who, project, true).await?;
+                self.0
+                    .catalog
+                    .refresh(&self.0.store, project)
+                    .await?
+                    .ok_or_else(|| ApiError::internal(format!("{project}: no owner after claim")))?
+            }
+        };
+        if let Some(at) = entry.deleted_at {
+            return Err(self.gone(project, at));
+        }
+        Ok(entry)
+    }
+
+    fn purge_at(&self, deleted_at: u64) -> u64 {
+        deleted_at.saturating_add(self.0.cfg.delete_grace.as_secs())
+    }
+
+    fn gone(&self, project: &ProjectId, deleted_at: u64) -> ApiError {
+        let purge_at = self.purge_at(deleted_at);
+        ApiError::new(
+            StatusCode::GONE,
+            "deleted",
+            format!("project {project} was deleted (at {deleted_at}, unix seconds) and will be purged at {purge_at}; restore it with POST /api/projects/{project}/restore to change it again"),
+        )
+        .with("deleted_at", deleted_at.into())
+        .with("purge_at", purge_at.into())
+    }
+
+    /// The owner record of `project` if `who` may see it (its client; the admin token for reads
+    /// only). Another client, and a project that does not exist, get the same 404.
+    async fn visible_owner(
+        &self,
+        who: &Principal,
+        project: &ProjectId,
+        write: bool,
+    ) -> ApiResult<Owner> {
+        if write && matches!(who, Principal::Admin) {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                "the admin token manages clients; change projects with their client's token",
+            ));
+        }
+        let owner = auth::owner(&self.0.store, project).await?;
+        match (owner, who) {
+            (Some(o), Principal::Admin) => Ok(o),
+            (Some(o), Principal::Client(c)) if o.client == c.id => Ok(o),
+            _ => Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("project {project} not found"),
+            )),
+        }
+    }
+
+    /// Publishes the manifest `change` makes of the latest one, re-reading and retrying when
+    /// another writer wins the generation (the push path's compare-and-swap). `change` answers
+    /// None when there is nothing to publish; the latest manifest is then returned as is.
+    async fn update_manifest(
+        &self,
+        project: &ProjectId,
+        mut change: impl FnMut(&manifest::Manifest) -> ApiResult<Option<manifest::Manifest>>,
+    ) -> ApiResult<manifest::Manifest> {
+        for _ in 0..8 {
+            let base = manifest::latest(&self.0.store, project)
+                .await
+                .map_err(ApiError::internal)?;
+            let Some(next) = change(&base)? else {
+                return Ok(base);
+            };
+            match manifest::publish(&self.0.store, project, &next)
+                .await
+                .map_err(ApiError::internal)?
+            {
+                manifest::Publish::Won => return Ok(next),
+                manifest::Publish::Lost => continue,
+            }
+        }
+        Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "busy",
+            "the project is changing too fast (pushes in flight); try again",
+        ))
+    }
+
+    /// Tells the agents that `project` changed other than by a push (deleted, restored or
+    /// purged: `m` None): the push webhook, naming HEAD's branch and commit (zeros when there is
+    /// none). The agent reads the manifest for the rest.
+    fn announce(&self, project: &ProjectId, m: Option<&manifest::Manifest>) {
+        let head = m
+            .and_then(|m| m.head.as_deref())
+            .unwrap_or("refs/heads/main");
+        let commit = m.and_then(|m| m.head_commit()).unwrap_or(ZERO_ID);
+        self.0
+            .notifier
+            .notify(project.as_str(), head, commit, commit);
+    }
+
+    /// Purges every project whose grace period has passed, as the catalog knows them.
+    async fn reap(&self) {
+        let cutoff = manifest::unix_now().saturating_sub(self.0.cfg.delete_grace.as_secs());
+        let due = match self.0.catalog.deleted_before(cutoff).await {
+            Ok(due) => due,
+            Err(e) => {
+                log::warn!("reaper: cannot read the project catalog: {e}");
+                return;
+            }
+        };
+        for project in due {
+            match self.purge(&project).await {
+                Ok(true) => log::info!(project:% = project; "deleted project purged"),
+                Ok(false) => {}
+                Err(e) => {
+                    log::warn!(project:% = project; "purge failed, retrying at the next round: {e}")
+                }
+            }
+        }
+    }
+
+    /// Deletes `project` from the store if its latest manifest is still deleted and past the
+    /// grace period: every key under its prefix except packs importers still list (per their
+    /// records under the prefix, written by `shares`), the local repository, the catalog row.
+    /// Packs it imported from an already purged holder go too, once no other importer lists
+    /// them. Returns whether it purged.
+    async fn purge(&self, project: &ProjectId) -> Result<bool, PurgeError> {
+        let lock = self.lock(project);
+        let _guard = lock.lock().await;
+        let store = &self.0.store;
+        let m = manifest::latest(store, project).await?;
+        let due = m
+            .deleted_at
+            .is_some_and(|at| self.purge_at(at) <= manifest::unix_now());
+        if !due {
+            // Restored meanwhile, or the catalog is behind: correct it.
+            self.published(project).await;
+            return Ok(false);
+        }
+        let keep = shares::packs_in_use_by_importers(store, project).await?;
+        let deleted = store.purge_project(project, &keep).await?;
+        for holder in m.pack_sources() {
+            store
+                .delete(&blob::keys::importer(&holder, project))
+                .await?;
+            if auth::owner(store, &holder).await?.is_some() {
+                // Live (or its id reused): its own compaction or purge decides about its packs.
+                continue;
+            }
+            let still_read = shares::packs_in_use_by_importers(store, &holder).await?;
+            let ours = m.packs.iter().filter(|e| e.from.as_ref() == Some(&holder));
+            for e in ours.filter(|e| !still_read.contains(&e.name)) {
+                store
+                    .delete(&blob::keys::pack(&holder, &e.name, "pack"))
+                    .await?;
+                store
+                    .delete(&blob::keys::pack(&holder, &e.name, "idx"))
+                    .await?;
+            }
+        }
+        match tokio::fs::remove_dir_all(self.repo_dir(project)).await {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                log::warn!(project:% = project; "purged, but the local repository stays: {e}")
+            }
+        }
+        self.0.catalog.remove(project).await?;
+        self.0.owners.lock().expect("lock").remove(project);
+        log::info!(project:% = project, keys = deleted, kept_packs = keep.len(); "project purged from the store");
+        self.announce(project, None);
+        Ok(true)
+    }
+
+    /// What `GET /api/projects/<p>` answers.
+    fn project_json(
+        &self,
+        project: &ProjectId,
+        owner: &Owner,
+        m: &manifest::Manifest,
+        build: Option<build_state::BuildState>,
+    ) -> serde_json::Value {
+        let pack_bytes: u64 = m.packs.iter().map(|p| p.pack_size).sum();
+        serde_json::json!({
+            "id": project,
+            "owner": owner.client,
+            "name": m.meta.name,
+            "labels": m.meta.labels,
+            "metadata": m.meta.metadata,
+            "created_at": owner.created_at,
+            "pushed_at": (m.pushed_at > 0).then_some(m.pushed_at),
+            "updated_at": m.updated_at,
+            "generation": m.generation,
+            "head": m.head,
+            "commit": m.head_commit(),
+            "refs": m.refs,
+            "packs": m.packs.len(),
+            "pack_bytes": pack_bytes,
+            "store_bytes": m.store_bytes(),
+            "shared_bytes": m.shared_bytes(),
+            "deleted_at": m.deleted_at,
+            "purge_at": m.deleted_at.map(|at| self.purge_at(at)),
+            "build": build,
+        })
+    }
+
+    /// The project's JSON with the agent's build report.
+    async fn project_answer(
+        &self,
+        project: &ProjectId,
+        owner: &Owner,
+        m: &manifest::Manifest,
+    ) -> serde_json::Value {
+        // Only a report: an unreadable one shows as none rather than failing the request.
+        let build = build_state::read(&self.0.store, project)
+            .await
+            .unwrap_or_else(|e| {
+                log::warn!(project:% = project; "build state unreadable: {e}");
+                None
+            });
+        self.project_json(project, owner, m, build)
+    }
+}
+
+/// `GET /api/projects/<p>`: the project's metadata, refs, usage, deletion and last build.
 async fn project_info(
     State(app): State<App>,
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
-    let project = ProjectId::parse(&id)
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_project", e.to_string()))?;
+    let project = parse_project(&id)?;
     let who = app.principal(&headers).await?;
-    app.authorize(&who, &project, false).await?;
+    let owner = app.visible_owner(&who, &project, false).await?;
     let m = manifest::latest(&app.0.store, &project)
         .await
         .map_err(ApiError::internal)?;
-    let bytes: u64 = m.packs.iter().map(|p| p.pack_size).sum();
+    Ok(Json(app.project_answer(&project, &owner, &m).await).into_response())
+}
+
+/// A validated `PATCH /api/projects/<p>` body: `Some` for each field present (`Some(None)`:
+/// null, which clears it).
+#[derive(Debug)]
+struct MetaPatch {
+    name: Option<Option<String>>,
+    labels: Option<std::collections::BTreeMap<String, String>>,
+    metadata: Option<Option<serde_json::Value>>,
+}
+
+fn printable(s: &str) -> bool {
+    !s.chars().any(char::is_control)
+}
+
+/// `[a-z0-9][a-z0-9._/-]{0,62}`.
+fn valid_label_key(k: &str) -> bool {
+    let b = k.as_bytes();
+    let tail = |c: &u8| c.is_ascii_lowercase() || c.is_ascii_digit() || b"._/-".contains(c);
+    !b.is_empty()
+        && b.len() <= 63
+        && (b[0].is_ascii_lowercase() || b[0].is_ascii_digit())
+        && b.iter().all(tail)
+}
+
+fn bad_label(msg: String) -> ApiError {
+    ApiError::new(StatusCode::BAD_REQUEST, "bad_label", msg)
+}
+
+fn check_label_value(key: &str, v: &str) -> ApiResult<()> {
+    if v.chars().count() > MAX_LABEL_VALUE_CHARS || !printable(v) {
+        return Err(bad_label(format!(
+            "label {key:?}: values are at most {MAX_LABEL_VALUE_CHARS} printable characters"
+        )));
+    }
+    Ok(())
+}
+
+fn check_label_key(key: &str) -> ApiResult<()> {
+    if !valid_label_key(key) {
+        let shown: String = key.chars().take(70).collect();
+        return Err(bad_label(format!(
+            "label key {shown:?}: use 1 to 63 characters from a-z, 0-9 and '.', '_', '/', '-', starting with a letter or digit"
+        )));
+    }
+    Ok(())
+}
+
+impl MetaPatch {
+    fn parse(body: &[u8]) -> ApiResult<Self> {
+        use serde_json::Value;
+        let fields: serde_json::Map<String, Value> = json_body(body)?;
+        let mut patch = MetaPatch {
+            name: None,
+            labels: None,
+            metadata: None,
+        };
+        for (key, value) in fields {
+            match key.as_str() {
+                "name" => {
+                    patch.name = Some(match value {
+                        Value::Null => None,
+                        Value::String(n)
+                            if !n.is_empty()
+                                && n.chars().count() <= MAX_NAME_CHARS
+                                && printable(&n) =>
+                        {
+                            Some(n)
+                        }
+                        _ => {
+                            return Err(ApiError::new(
+                                StatusCode::BAD_REQUEST,
+                                "bad_name",
+                                format!("name must be 1 to {MAX_NAME_CHARS} printable characters, or null to clear it"),
+                            ))
+                        }
+                    })
+                }
+                "labels" => {
+                    let map = match value {
+                        Value::Null => serde_json::Map::new(),
+                        Value::Object(m) => m,
+                        _ => {
+                            return Err(bad_label(
+                                "labels must be an object of string values (it replaces every label), or null to clear them".into(),
+                            ))
+                        }
+                    };
+                    if map.len() > MAX_LABELS {
+                        return Err(bad_label(format!(
+                            "{} labels; a project has at most {MAX_LABELS}",
+                            map.len()
+                        )));
+                    }
+                    let mut labels = std::collections::BTreeMap::new();
+                    for (k, v) in map {
+                        check_label_key(&k)?;
+                        let Value::String(v) = v else {
+                            return Err(bad_label(format!("label {k:?}: the value must be a string")));
+                        };
+                        check_label_value(&k, &v)?;
+                        labels.insert(k, v);
+                    }
+                    patch.labels = Some(labels);
+                }
+                "metadata" => {
+                    let size = serde_json::to_vec(&value).map_or(usize::MAX, |v| v.len());
+                    if size > MAX_METADATA_BYTES {
+                        return Err(ApiError::new(
+                            StatusCode::PAYLOAD_TOO_LARGE,
+                            "too_large",
+                            format!("metadata is {size} bytes of JSON, over the {MAX_METADATA_BYTES}-byte limit; keep large data elsewhere and store a reference to it"),
+                        ));
+                    }
+                    patch.metadata = Some((!value.is_null()).then_some(value));
+                }
+                other => {
+                    let shown: String = other.chars().take(40).collect();
+                    return Err(ApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        "bad_request",
+                        format!("unknown field {shown:?}: a project's PATCH takes name, labels and metadata"),
+                    ));
+                }
+            }
+        }
+        Ok(patch)
+    }
+
+    fn apply(&self, meta: &mut manifest::ProjectMeta) {
+        if let Some(name) = &self.name {
+            meta.name = name.clone();
+        }
+        if let Some(labels) = &self.labels {
+            meta.labels = labels.clone();
+        }
+        if let Some(metadata) = &self.metadata {
+            meta.metadata = metadata.clone();
+        }
+    }
+}
+
+/// `PATCH /api/projects/<p> {name?, labels?, metadata?}`: publishes the metadata in a new
+/// manifest generation (durable in the store like any push), then answers as `GET` does.
+async fn patch_project(
+    State(app): State<App>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> ApiResult<Response> {
+    let project = parse_project(&id)?;
+    let who = app.principal(&headers).await?;
+    let owner = app.visible_owner(&who, &project, true).await?;
+    let patch = MetaPatch::parse(&body)?;
+    let m = app
+        .update_manifest(&project, |base| {
+            if let Some(at) = base.deleted_at {
+                return Err(app.gone(&project, at));
+            }
+            let mut next = base.next();
+            patch.apply(&mut next.meta);
+            Ok((next.meta != base.meta).then_some(next))
+        })
+        .await?;
+    app.record(&project, &owner, &m).await;
+    log::info!(project:% = project, generation = m.generation; "project metadata set");
+    Ok(Json(app.project_answer(&project, &owner, &m).await).into_response())
+}
+
+/// `DELETE /api/projects/<p>`: marks the project deleted in a new generation (202). Pushes are
+/// refused from then on; `POST .../restore` undoes it until `purge_at`, when the reaper deletes
+/// its blobs. Deleting it again answers the first deletion.
+async fn delete_project(
+    State(app): State<App>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    let project = parse_project(&id)?;
+    let who = app.principal(&headers).await?;
+    let owner = app.visible_owner(&who, &project, true).await?;
+    let m = app
+        .update_manifest(&project, |base| {
+            if base.deleted_at.is_some() {
+                return Ok(None);
+            }
+            let mut next = base.next();
+            next.deleted_at = Some(next.updated_at);
+            Ok(Some(next))
+        })
+        .await?;
+    app.record(&project, &owner, &m).await;
+    app.announce(&project, Some(&m));
+    let deleted_at = m.deleted_at.unwrap_or_default();
+    log::info!(project:% = project, generation = m.generation; "project deleted");
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(serde_json::json!({
+            "id": project,
+            "deleted_at": deleted_at,
+            "purge_at": app.purge_at(deleted_at),
+            "generation": m.generation,
+        })),
+    )
+        .into_response())
+}
+
+/// `POST /api/projects/<p>/restore`: clears a deletion before its purge time, if the client's
+/// quotas have room for the project again.
+async fn restore_project(
+    State(app): State<App>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    let project = parse_project(&id)?;
+    let who = app.principal(&headers).await?;
+    let owner = app.visible_owner(&who, &project, true).await?;
+    let past_grace = |at: u64| {
+        let purge_at = app.purge_at(at);
+        (purge_at <= manifest::unix_now()).then(|| {
+            ApiError::new(
+                StatusCode::GONE,
+                "purged",
+                format!("project {project} was deleted at {at} and its grace period ended at {purge_at}; it is being purged and cannot be restored"),
+            )
+        })
+    };
+    let current = manifest::latest(&app.0.store, &project)
+        .await
+        .map_err(ApiError::internal)?;
+    if let Some(at) = current.deleted_at {
+        if let Some(e) = past_grace(at) {
+            return Err(e);
+        }
+        if let Principal::Client(client) = &who {
+            app.check_projects_quota(client).await?;
+        }
+        if let Some(q) = app.stored_quota(&who).await? {
+            let size = current.store_bytes();
+            if q.used.saturating_add(size) > q.limit {
+                return Err(stored_bytes_exceeded(q.limit, q.used, size));
+            }
+        }
+    }
+    let m = app
+        .update_manifest(&project, |base| {
+            let Some(at) = base.deleted_at else {
+                return Ok(None);
+            };
+            if let Some(e) = past_grace(at) {
+                return Err(e);
+            }
+            let mut next = base.next();
+            next.deleted_at = None;
+            Ok(Some(next))
+        })
+        .await?;
+    let restored = m.generation != current.generation;
+    if restored {
+        app.record(&project, &owner, &m).await;
+        app.announce(&project, Some(&m));
+        log::info!(project:% = project, generation = m.generation; "project restored");
+    }
     Ok(Json(serde_json::json!({
         "id": project,
+        "restored": restored,
         "generation": m.generation,
-        "head": m.head,
-        "refs": m.refs,
-        "packs": m.packs.len(),
-        "pack_bytes": bytes,
-        "updated_at": m.updated_at,
     }))
     .into_response())
 }
 
-/// `GET /api/projects`: the caller's projects (every project for the admin token), each with its
-/// owner, HEAD commit and the time its manifest last changed. One listing of `projects/`, then the
-/// owner and latest manifest of each, a few at a time.
-async fn list_projects(State(app): State<App>, headers: HeaderMap) -> ApiResult<Response> {
-    use futures::StreamExt;
+/// `GET /api/projects[?limit=][&cursor=][&label=k[=v]]...[&deleted=true]`: the caller's
+/// projects (every project for the admin token) from the catalog, in id order, one indexed query
+/// a page. `next_cursor` is null on the last page.
+async fn list_projects(
+    State(app): State<App>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> ApiResult<Response> {
     let who = app.principal(&headers).await?;
-    let ids = app.0.store.projects().await.map_err(ApiError::internal)?;
-    let store = &app.0.store;
-    let rows: Vec<Option<serde_json::Value>> = futures::stream::iter(ids)
-        .map(|project| {
-            let who = &who;
-            async move {
-                let owner = auth::owner(store, &project).await?;
-                if let Principal::Client(c) = who {
-                    if owner.as_ref().is_none_or(|o| o.client != c.id) {
-                        return Ok(None);
-                    }
-                }
-                let m = manifest::latest(store, &project)
-                    .await
-                    .map_err(ApiError::internal)?;
-                let commit = m.head.as_ref().and_then(|h| m.refs.get(h));
-                Ok::<_, ApiError>(Some(serde_json::json!({
-                    "id": project,
-                    "owner": owner.as_ref().map(|o| &o.client),
-                    "created_at": owner.as_ref().map(|o| o.created_at),
-                    "head": m.head,
-                    "commit": commit,
-                    "generation": m.generation,
-                    "updated_at": (m.generation > 0).then_some(m.updated_at),
-                })))
+    let bad = |msg: String| ApiError::new(StatusCode::BAD_REQUEST, "bad_request", msg);
+    let mut filter = catalog::Filter {
+        owner: match &who {
+            Principal::Admin => None,
+            Principal::Client(c) => Some(c.id.clone()),
+        },
+        limit: 100,
+        ..catalog::Filter::default()
+    };
+    for (k, v) in url::form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
+        match k.as_ref() {
+            "limit" => {
+                filter.limit = v
+                    .parse()
+                    .ok()
+                    .filter(|n| (1..=1000).contains(n))
+                    .ok_or_else(|| bad("limit must be a number from 1 to 1000".into()))?
             }
+            "cursor" => {
+                let after = ProjectId::parse(&v).map_err(|_| {
+                    bad("cursor must be the next_cursor of the previous page".into())
+                })?;
+                filter.after = Some(after.to_string());
+            }
+            "label" => {
+                let (key, value) = match v.split_once('=') {
+                    Some((k, v)) => (k, Some(v)),
+                    None => (v.as_ref(), None),
+                };
+                check_label_key(key)?;
+                if let Some(v) = value {
+                    check_label_value(key, v)?;
+                }
+                filter
+                    .labels
+                    .push((key.to_owned(), value.map(str::to_owned)));
+                if filter.labels.len() > MAX_LABEL_FILTERS {
+                    return Err(bad(format!("at most {MAX_LABEL_FILTERS} label filters")));
+                }
+            }
+            "deleted" => {
+                filter.deleted = match v.as_ref() {
+                    "true" | "1" => true,
+                    "false" | "0" => false,
+                    _ => return Err(bad("deleted must be true or false".into())),
+                }
+            }
+            other => {
+                let shown: String = other.chars().take(40).collect();
+                return Err(bad(format!(
+                    "unknown query parameter {shown:?}: use limit, cursor, label and deleted"
+                )));
+            }
+        }
+    }
+    app.0.catalog.wait_ready(CATALOG_WAIT).await?;
+    let page = app.0.catalog.list(filter).await?;
+    let projects: Vec<_> = page
+        .entries
+        .iter()
+        .map(|e| {
+            serde_json::json!({
+                "id": e.id,
+                "owner": e.owner,
+                "name": e.name,
+                "labels": e.labels,
+                "created_at": e.created_at,
+                "pushed_at": (e.pushed_at > 0).then_some(e.pushed_at),
+                "updated_at": (e.generation > 0).then_some(e.updated_at),
+                "generation": e.generation,
+                "head": e.head,
+                "commit": e.commit,
+                "store_bytes": e.store_bytes,
+                "shared_bytes": e.shared_bytes,
+                "deleted_at": e.deleted_at,
+                "purge_at": e.deleted_at.map(|at| app.purge_at(at)),
+            })
         })
-        .buffered(16)
-        .try_collect()
-        .await?;
-    let projects: Vec<_> = rows.into_iter().flatten().collect();
-    Ok(Json(serde_json::json!({ "projects": projects })).into_response())
+        .collect();
+    Ok(Json(serde_json::json!({ "projects": projects, "next_cursor": page.next })).into_response())
 }
 
 impl From<crate::notify::NotifyError> for ApiError {
@@ -1196,6 +2021,8 @@ async fn create_commit(
     let lock = app.lock(&project);
     let _guard = lock.lock().await;
     app.sync_locked(&project).await?;
+    app.writable(&who, &project).await?;
+    let quota = app.stored_quota(&who).await?;
     let scratch = tempfile::Builder::new()
         .prefix("commit-")
         .tempdir_in(&app.0.cfg.data_dir)
@@ -1212,13 +2039,19 @@ async fn create_commit(
     let pack = tokio::fs::File::open(&built.pack)
         .await
         .map_err(ApiError::internal)?;
+    if let Some(q) = quota {
+        let size = pack.metadata().await.map_err(ApiError::internal)?.len();
+        if q.used.saturating_add(size) > q.limit {
+            return Err(stored_bytes_exceeded(q.limit, q.used, size));
+        }
+    }
     let commands = axum::body::Bytes::from(built.receive_pack_commands());
     let input = futures::StreamExt::chain(
         futures::stream::iter([Ok::<_, std::io::Error>(commands)]),
         tokio_util::io::ReaderStream::new(pack),
     );
     let received = app
-        .receive(&project, &HeaderMap::new(), Body::from_stream(input))
+        .receive(&project, &HeaderMap::new(), Body::from_stream(input), quota)
         .await
         .map_err(ApiError::json)?;
 
@@ -1284,6 +2117,11 @@ async fn commit_refused(
             "store_unavailable",
             format!("{reason}; try again shortly"),
         ),
+        // A push racing this commit filled the quota after the check above.
+        Some(reason) if reason.starts_with("stored_bytes quota") => {
+            ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "quota", reason)
+                .with("quota", "stored_bytes".into())
+        }
         // receive.rs words every size refusal as "... over the <n>-byte limit".
         Some(reason) if reason.contains("-byte limit") => {
             ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", reason)
@@ -1453,7 +2291,7 @@ async fn cors_and_log(State(app): State<App>, req: Request, next: Next) -> Respo
         h.insert(header::VARY, HeaderValue::from_static("Origin"));
         h.insert(
             header::ACCESS_CONTROL_ALLOW_METHODS,
-            HeaderValue::from_static("GET, POST, DELETE, OPTIONS"),
+            HeaderValue::from_static("GET, POST, PUT, PATCH, DELETE, OPTIONS"),
         );
         h.insert(
             header::ACCESS_CONTROL_ALLOW_HEADERS,
@@ -1472,4 +2310,193 @@ async fn cors_and_log(State(app): State<App>, req: Request, next: Next) -> Respo
     }
     log::info!(method:% = method, path = path.as_str(), status = res.status().as_u16(), ms = started.elapsed().as_millis() as u64; "request");
     res
+}
+
+// ---------------------------------------------------------------------------------------------
+// Shares and imports
+// ---------------------------------------------------------------------------------------------
+
+impl From<ShareError> for ApiError {
+    fn from(e: ShareError) -> Self {
+        let (status, code) = match &e {
+            ShareError::Malformed | ShareError::BadExpiry { .. } => {
+                (StatusCode::BAD_REQUEST, "bad_request")
+            }
+            ShareError::Unknown | ShareError::NoSuchShare { .. } => {
+                (StatusCode::NOT_FOUND, "not_found")
+            }
+            ShareError::Revoked { .. } => (StatusCode::GONE, "share_revoked"),
+            ShareError::Expired { .. } => (StatusCode::GONE, "share_expired"),
+            ShareError::NotFork { .. } => (StatusCode::FORBIDDEN, "not_a_fork_share"),
+            ShareError::TooMany { .. } => (StatusCode::CONFLICT, "too_many_shares"),
+            ShareError::Exists(_) => (StatusCode::CONFLICT, "exists"),
+            ShareError::Contention(_) => (StatusCode::SERVICE_UNAVAILABLE, "busy"),
+            ShareError::Manifest(_) | ShareError::Store(_) => return Self::internal(e),
+        };
+        Self::new(status, code, e.to_string())
+    }
+}
+
+/// The Git-Protocol header to run upload-pack with. Protocol v2 sends any object the repository
+/// holds to whoever names it, and after an import that includes the source project's later
+/// commits; such repositories speak v0, whose stateless upload-pack serves only what refs reach.
+fn upload_protocol(app: &App, project: &ProjectId, headers: &HeaderMap) -> Option<String> {
+    protocol_v2(headers).filter(|_| !sync::may_hold_foreign_objects(&app.repo_dir(project)))
+}
+
+/// Checks that the caller is the client owning `project`: shares are the owner's to make and
+/// see. Another client gets the 404 every project route gives it; the admin token is told why.
+async fn share_owner(app: &App, headers: &HeaderMap, project: &ProjectId) -> ApiResult<Client> {
+    let who = app.principal(headers).await?;
+    let Principal::Client(client) = &who else {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "shares belong to the project's owner; manage them with its client token",
+        ));
+    };
+    app.authorize_api(&who, project, false).await?;
+    Ok(client.clone())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewShare {
+    commit: Option<String>,
+    expires_in_secs: Option<u64>,
+    mode: ShareMode,
+}
+
+fn share_json(s: &Share) -> serde_json::Value {
+    serde_json::json!({
+        "id": s.id,
+        "mode": s.mode,
+        "commit": s.commit,
+        "created_at": s.created_at,
+        "expires_at": s.expires_at,
+        "revoked_at": s.revoked_at,
+        "live": s.is_live(manifest::unix_now()),
+    })
+}
+
+/// `POST /api/projects/<p>/shares {mode, commit?, expires_in_secs?}`: a share of a commit the
+/// project's refs reach (default: HEAD's). Answers the token, this once, and the view URL path;
+/// only the token's SHA-256 is stored.
+async fn create_share(
+    State(app): State<App>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> ApiResult<Response> {
+    let project = parse_project(&id)?;
+    let req: NewShare = json_body(&body)?;
+    let client = share_owner(&app, &headers, &project).await?;
+    let expires_at = shares::expiry(manifest::unix_now(), req.expires_in_secs)?;
+    app.sync(&project).await?;
+    let commit = browse::resolve(&app.repo_dir(&project), req.commit.as_deref()).await?;
+    let (share, token) =
+        shares::create(&app.0.store, &project, &commit, req.mode, expires_at).await?;
+    log::info!(project:% = project, client = client.id.as_str(), share = share.id.as_str(), commit = commit.as_str(); "share created");
+    let mut body = share_json(&share);
+    body["token"] = token.clone().into();
+    // Relative: the agent serves it, behind whatever public origin the operator gives it.
+    body["url"] = format!("/share/{token}").into();
+    Ok((StatusCode::CREATED, Json(body)).into_response())
+}
+
+/// `GET /api/projects/<p>/shares`: every share, revoked and expired ones included; no tokens.
+async fn list_shares(
+    State(app): State<App>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    let project = parse_project(&id)?;
+    share_owner(&app, &headers, &project).await?;
+    let list = shares::list(&app.0.store, &project).await?;
+    let list: Vec<_> = list.iter().map(share_json).collect();
+    Ok(Json(serde_json::json!({ "shares": list })).into_response())
+}
+
+/// `DELETE /api/projects/<p>/shares/<id>`: revokes a share; its token stops working at once on
+/// every node (resolving reads the latest manifest). Revoking twice is not an error.
+async fn revoke_share(
+    State(app): State<App>,
+    Path((id, share)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    let project = parse_project(&id)?;
+    share_owner(&app, &headers, &project).await?;
+    let share = shares::revoke(&app.0.store, &project, &share).await?;
+    log::info!(project:% = project, share = share.id.as_str(); "share revoked");
+    Ok(Json(share_json(&share)).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ImportRequest {
+    share: String,
+}
+
+/// `POST /api/projects/<new>/import {share}`: starts the caller's new project from a fork
+/// share's version, with its history, listing the source's packs instead of copying them, then
+/// notifies the agents as a push would so the new project builds.
+async fn import_project(
+    State(app): State<App>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> ApiResult<Response> {
+    let project = parse_project(&id)?;
+    let req: ImportRequest = json_body(&body)?;
+    let who = app.principal(&headers).await?;
+    let Principal::Client(client) = &who else {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "projects belong to clients; import with a client token",
+        ));
+    };
+    // Checked before anything is claimed: a bad, dead or view-only token costs nothing.
+    let (_, share) = shares::resolve(&app.0.store, &req.share).await?;
+    if share.mode != ShareMode::Fork {
+        return Err(ShareError::NotFork { id: share.id }.into());
+    }
+    let exists = || ShareError::Exists(project.clone());
+    // A new project counts against the client's `projects` quota (429).
+    if auth::owner(&app.0.store, &project).await?.is_none() {
+        app.check_projects_quota(client).await?;
+    }
+    match auth::claim_project(&app.0.store, &project, &client.id).await {
+        // Already the caller's: allowed while it has no commits (shares::import checks), so an
+        // import that failed after the claim can be retried.
+        Ok(_) => {}
+        Err(AuthError::NotOwner(_)) => return Err(exists().into()),
+        Err(e) => return Err(e.into()),
+    }
+    app.0
+        .owners
+        .lock()
+        .expect("lock")
+        .insert(project.clone(), client.id.clone());
+    let imported = shares::import(&app.0.store, &req.share, &project).await?;
+    app.published(&project).await;
+    log::info!(project:% = project, client = client.id.as_str(), source:% = imported.source, share = imported.share.id.as_str(), generation = imported.generation; "project imported");
+    const ZERO: &str = "0000000000000000000000000000000000000000";
+    app.0.notifier.notify(
+        project.as_str(),
+        "refs/heads/main",
+        ZERO,
+        &imported.share.commit,
+    );
+    Ok((
+        StatusCode::CREATED,
+        Json(serde_json::json!({
+            "id": project,
+            "commit": imported.share.commit,
+            "packs_shared": imported.packs_shared,
+            "source": imported.source,
+            "generation": imported.generation,
+        })),
+    )
+        .into_response())
 }

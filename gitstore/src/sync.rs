@@ -55,6 +55,11 @@ struct LocalState {
     generation: u64,
     #[serde(default)]
     covered: BTreeSet<String>,
+    /// The repository has held packs of another project (an import): objects no ref of this
+    /// project reaches may be another project's, so readers must serve only reachable ones.
+    /// Never cleared, since a pack once fetched stays in the repository.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    foreign: bool,
 }
 
 const STATE_FILE: &str = "kiln-sync.json";
@@ -97,6 +102,14 @@ pub async fn sync_repo_with_progress(
         manifest_bytes: serde_json::to_vec_pretty(&m).map_or(0, |v| v.len() as u64),
         ..Default::default()
     };
+    if m.packs.iter().any(|p| p.from.is_some()) && !state.foreign {
+        // Recorded before the first foreign pack lands, so no reader ever sees it unflagged.
+        state.foreign = true;
+        write_atomic(
+            &state_path,
+            &serde_json::to_vec(&state).expect("serializes"),
+        )?;
+    }
     let pack_dir = repo.join("objects/pack");
     let total: u64 = m
         .packs
@@ -141,6 +154,15 @@ pub fn synced_generation(repo: &Path) -> u64 {
         .ok()
         .and_then(|b| serde_json::from_slice::<LocalState>(&b).ok())
         .map_or(0, |s| s.generation)
+}
+
+/// Whether the repository at `repo` may hold objects of another project (it was synced from a
+/// manifest listing packs `from` another project): serve only what this project's refs reach.
+pub fn may_hold_foreign_objects(repo: &Path) -> bool {
+    std::fs::read(repo.join(STATE_FILE))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<LocalState>(&b).ok())
+        .is_some_and(|s| s.foreign)
 }
 
 /// Records that the repository at `repo` now matches `generation`, when the caller knows it does
@@ -239,16 +261,19 @@ async fn fetch_verified(
         what,
     };
     store
-        .get_stream(&keys::pack(project, &entry.name, ext), |chunk| {
-            got += chunk.len() as u64;
-            if got > size {
-                // Stop early: a blob larger than recorded is wrong whatever the rest says.
-                return Err(std::io::Error::other("larger than the manifest records"));
-            }
-            hasher.update(chunk);
-            add(chunk.len() as u64);
-            file.write_all(chunk)
-        })
+        .get_stream(
+            &keys::pack(holder(project, entry), &entry.name, ext),
+            |chunk| {
+                got += chunk.len() as u64;
+                if got > size {
+                    // Stop early: a blob larger than recorded is wrong whatever the rest says.
+                    return Err(std::io::Error::other("larger than the manifest records"));
+                }
+                hasher.update(chunk);
+                add(chunk.len() as u64);
+                file.write_all(chunk)
+            },
+        )
         .await
         .map_err(|e| match e {
             StoreError::Backend { .. } if got > size => {
@@ -269,6 +294,11 @@ async fn fetch_verified(
     }
     file.sync_all().map_err(io)?;
     Ok(got)
+}
+
+/// The project whose prefix holds `entry`'s bytes: another one for a pack shared by an import.
+pub(crate) fn holder<'a>(project: &'a ProjectId, entry: &'a PackEntry) -> &'a ProjectId {
+    entry.from.as_ref().unwrap_or(project)
 }
 
 fn rename(from: &Path, to: &Path) -> Result<(), SyncError> {
