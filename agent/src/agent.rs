@@ -3,7 +3,7 @@
 //! rollbacks, which switch the served build at once when it is still on disk and queue a build of
 //! the old commit when it is not.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -28,6 +28,9 @@ pub struct Request {
     /// rollback: a rollback to a commit whose build is no longer on disk. The caller checks that
     /// it is on a branch.
     pub commit: Option<String>,
+    /// With `commit`: a share link's build, published at its pinned URL only. `current`, the
+    /// preview's status page and `last_good` stay as they are.
+    pub pin: bool,
 }
 
 /// Per-project locks that live outside the slot, because they are held across slow work.
@@ -41,6 +44,10 @@ pub(crate) struct ProjectLocks {
     /// rollback cannot point `current` at a build a prune is deleting, nor leave `last_good`
     /// naming another build than `current` names.
     pub(crate) publish: Mutex<()>,
+    /// Held while a sync decides what the project's latest manifest means (build it, or take a
+    /// deleted project off this machine) and while a deletion runs, so a restore and the
+    /// deletion before it cannot interleave.
+    pub(crate) lifecycle: tokio::sync::Mutex<()>,
 }
 
 struct Running {
@@ -72,6 +79,14 @@ pub struct Agent {
     /// State transitions, for `/api/events` and notifications.
     pub(crate) events: crate::events::Events,
     pub(crate) notifier: crate::notify::Notifier,
+    pub(crate) quotas: crate::quota::Quotas,
+    pub(crate) gc: crate::retention::Gc,
+    pub(crate) shares: crate::share::Shares,
+    /// Projects whose latest manifest says they are deleted: nothing of them is built or served
+    /// until a sync finds them restored.
+    gone: Mutex<HashSet<String>>,
+    /// This machine's name, for the build state it reports to the store.
+    pub(crate) hostname: String,
 }
 
 /// What a rollback asks for.
@@ -100,20 +115,37 @@ pub enum RollbackError {
     Commit(#[from] RepoError),
     #[error("switching the served build: {0}")]
     Publish(#[from] PublishError),
+    #[error("{}", .0.message())]
+    Quota(crate::quota::Refusal),
+    #[error("project {0} is deleted: restore it first")]
+    Deleted(String),
 }
 
 /// What [`Agent::request`] did.
+#[derive(Debug)]
 pub enum Requested {
     /// A new build was queued, or the request joined the queued follow-up.
     Queued(u64),
     /// That commit is already built and published.
     AlreadyBuilt(u64),
+    /// The project owner's build quota does not allow another build now.
+    Refused(crate::quota::Refusal),
+    /// The project is deleted: nothing is built until it is restored.
+    Deleted,
+    /// A share link's build was not queued because another build of the project is waiting
+    /// (this one, a push's or a rollback's, goes first): ask again once it has run.
+    Busy(u64),
 }
 
 impl Agent {
     /// Call within a tokio runtime: the notification task starts here.
     pub fn new(cfg: Config, store: BlobStore, exe: PathBuf) -> Arc<Self> {
         let permits = Arc::new(Semaphore::new(cfg.concurrency));
+        let quotas =
+            crate::quota::Quotas::new(cfg.quota_builds_per_hour, cfg.quota_concurrent_builds);
+        let hostname = nix::unistd::gethostname()
+            .map(|h| h.to_string_lossy().into_owned())
+            .unwrap_or_default();
         let agent = Arc::new(Self {
             cfg,
             store,
@@ -127,6 +159,11 @@ impl Agent {
             stopping: AtomicBool::new(false),
             events: crate::events::Events::new(),
             notifier: crate::notify::Notifier::new(),
+            quotas,
+            gc: crate::retention::Gc::default(),
+            shares: crate::share::Shares::default(),
+            gone: Mutex::default(),
+            hostname,
         });
         crate::notify::start(&agent);
         agent
@@ -242,13 +279,30 @@ impl Agent {
 
     /// Queues a build of `project`'s newest commit, or says it is already built. `hint` is the
     /// commit the caller expects (from the webhook), used only to answer without building.
+    /// Quotas are not checked: this is for builds the agent starts by itself.
     pub fn request(
         self: &Arc<Self>,
         project: &ProjectId,
         hint: Option<&str>,
         req: Request,
     ) -> Requested {
+        let no_limits = crate::quota::Admission::unlimited();
+        self.request_admitted(project, hint, req, &no_limits).0
+    }
+
+    /// [`Agent::request`], allocating a new build only if `admission` allows it. Also says
+    /// whether a new build was allocated (what a quota counts).
+    pub(crate) fn request_admitted(
+        self: &Arc<Self>,
+        project: &ProjectId,
+        hint: Option<&str>,
+        req: Request,
+        admission: &crate::quota::Admission,
+    ) -> (Requested, bool) {
         let name = project.as_str();
+        if self.is_gone(name) {
+            return (Requested::Deleted, false);
+        }
         let slot = self.slot_or_new(name);
         let mut s = slot.lock().expect("slot lock");
         if !req.force && req.commit.is_none() {
@@ -260,48 +314,106 @@ impl Agent {
                     && !s.status.state.is_active()
                     && s.pending.is_none()
                 {
-                    return Requested::AlreadyBuilt(good.build);
+                    return (Requested::AlreadyBuilt(good.build), false);
                 }
             }
             if let (Some(hint), Some(r)) = (hint, &s.running) {
                 if s.status.commit.as_deref() == Some(hint) && s.pending.is_none() {
-                    return Requested::Queued(r.build);
+                    return (Requested::Queued(r.build), false);
                 }
             }
         }
         if let (Some(c), Some(r)) = (&req.commit, &s.running) {
-            // The same rollback asked for twice (a double click): one build serves both.
-            if s.status.requested_commit.as_ref() == Some(c) && s.pending.is_none() {
-                return Requested::Queued(r.build);
+            // The same rollback (or share link) asked for twice: one build serves both.
+            if s.status.requested_commit.as_ref() == Some(c)
+                && s.status.pin == req.pin
+                && s.pending.is_none()
+            {
+                return (Requested::Queued(r.build), false);
             }
         }
         let news = hint.is_some_and(|h| is_news(&s.status, h));
         if let Some((build, pending)) = &mut s.pending {
-            pending.force |= req.force;
-            // The newest intent wins: a rollback replaces a queued build of the head, and a push
-            // of a new commit replaces a queued rollback. A sync that brings nothing new (no
-            // hint, or a commit already seen) leaves a queued rollback alone.
-            if req.commit.is_some() || news {
-                pending.commit = req.commit;
+            let build = *build;
+            if req.pin {
+                if pending.pin && pending.commit == req.commit {
+                    self.metrics.inc(&self.metrics.coalesced);
+                    return (Requested::Queued(build), false);
+                }
+                return (Requested::Busy(build), false);
+            }
+            if pending.pin {
+                // A share link's build yields to a push or a rollback; the link asks again.
+                *pending = req;
+            } else {
+                pending.force |= req.force;
+                // The newest intent wins: a rollback replaces a queued build of the head, and a
+                // push of a new commit replaces a queued rollback. A sync that brings nothing
+                // new (no hint, or a commit already seen) leaves a queued rollback alone.
+                if req.commit.is_some() || news {
+                    pending.commit = req.commit;
+                }
             }
             self.metrics.inc(&self.metrics.coalesced);
-            return Requested::Queued(*build);
+            return (Requested::Queued(build), false);
+        }
+        if let Err(refusal) = admission.check(s.running.is_some()) {
+            return (Requested::Refused(refusal), false);
         }
         let build = s.next_build;
         s.next_build += 1;
         if s.running.is_some() {
             s.pending = Some((build, req));
             self.metrics.inc(&self.metrics.coalesced);
-            return Requested::Queued(build);
+            return (Requested::Queued(build), true);
         }
         self.start(name, &mut s, build, req);
-        Requested::Queued(build)
+        (Requested::Queued(build), true)
+    }
+
+    /// Records in the project's status (and so its events) that a sync's build was refused by
+    /// a quota, so the generator sees why nothing builds. Repeated refusals (gitstore retries)
+    /// update the one record instead of adding builds to the history.
+    pub(crate) fn record_refusal(
+        &self,
+        project: &str,
+        commit: Option<&str>,
+        why: &crate::quota::Refusal,
+    ) {
+        self.quotas.note_refused(project, commit);
+        let slot = self.slot_or_new(project);
+        let mut s = slot.lock().expect("slot lock");
+        if s.running.is_some() || s.pending.is_some() {
+            // Its status is the running build's; the refusal is retried when that one ends.
+            return;
+        }
+        let message = format!("refused by quota {}: {}", why.quota, why.message());
+        if s.status.state == State::Refused {
+            s.status.error = Some(message.clone());
+            if let Some(h) = s.status.history.first_mut() {
+                h.error = Some(message);
+            }
+        } else {
+            let build = s.next_build;
+            s.next_build += 1;
+            s.status.refuse(build, commit.map(str::to_owned), message);
+        }
+        self.persist(project, &s.status);
+        // Nothing served yet: the preview says why it waits. Otherwise the app stays.
+        if publish::current(&publish::project_dir(&self.cfg.publish_dir, project)).is_none() {
+            self.write_status_page(project, &s.status);
+        }
+    }
+
+    /// Builds or rollbacks queued or running now, by project.
+    pub(crate) fn active_projects(&self) -> Vec<String> {
+        self.running()
     }
 
     fn start(self: &Arc<Self>, project: &str, s: &mut Slot, build: u64, req: Request) {
         if self.stopping.load(Ordering::SeqCst) {
             // Left queued on disk: the next start builds it (see `recover`).
-            s.status.begin(build, req.commit);
+            s.status.begin(build, req.commit, req.pin);
             self.persist(project, &s.status);
             return;
         }
@@ -310,9 +422,11 @@ impl Agent {
             build,
             cancel: cancel.clone(),
         });
-        s.status.begin(build, req.commit.clone());
+        s.status.begin(build, req.commit.clone(), req.pin);
         self.persist(project, &s.status);
-        self.write_status_page(project, &s.status);
+        if !req.pin {
+            self.write_status_page(project, &s.status);
+        }
         let agent = self.clone();
         let project = project.to_owned();
         tokio::spawn(async move {
@@ -346,14 +460,16 @@ impl Agent {
                 self.update(&project, |st| {
                     st.finish(State::Cancelled, Some("cancelled while queued".into()))
                 });
-                self.show_status_page(&project);
+                if !req.pin {
+                    self.show_status_page(&project);
+                }
             }
             drop(permit);
             let slot = self.slot_or_new(&project);
             let mut s = slot.lock().expect("slot lock");
             match s.pending.take() {
                 Some((next, next_req)) if self.stopping.load(Ordering::SeqCst) => {
-                    s.status.begin(next, next_req.commit);
+                    s.status.begin(next, next_req.commit, next_req.pin);
                     self.persist(&project, &s.status);
                     s.running = None;
                     return;
@@ -364,13 +480,21 @@ impl Agent {
                         build: next,
                         cancel: cancel.clone(),
                     });
-                    s.status.begin(next, next_req.commit.clone());
+                    s.status.begin(next, next_req.commit.clone(), next_req.pin);
                     self.persist(&project, &s.status);
-                    self.write_status_page(&project, &s.status);
+                    if !next_req.pin {
+                        self.write_status_page(&project, &s.status);
+                    }
                     (build, req) = (next, next_req);
                 }
                 None => {
                     s.running = None;
+                    drop(s);
+                    // A build slot of this client freed: a build its quota refused may start;
+                    // and the disk may have passed its high-water mark.
+                    let agent = self.clone();
+                    tokio::spawn(async move { agent.retry_refused().await });
+                    self.gc.poke();
                     return;
                 }
             }
@@ -443,15 +567,22 @@ impl Agent {
 
     /// Builds every project in the blob store that this machine has not built at its newest
     /// version: after a restart that missed webhooks, or on a fresh machine whose disk was lost
-    /// (the disk is only a cache; the store is the truth).
+    /// (the disk is only a cache; the store is the truth). Projects deleted or purged meanwhile
+    /// are taken off this machine instead.
     pub async fn reconcile(self: &Arc<Self>) -> Result<usize, gitstore::blob::StoreError> {
         let mut queued = 0;
-        for id in self.store.projects().await? {
+        let listed = self.store.projects().await?;
+        for id in &listed {
             let p = id.as_str();
-            let newest = match gitstore::manifest::newest_generation(&self.store, &id, 0).await {
+            let newest = match gitstore::manifest::newest_generation(&self.store, id, 0).await {
                 Ok(Some(g)) => g,
-                // Created but never pushed: nothing to build.
-                Ok(None) => continue,
+                // Created but never pushed: nothing to build. Purged: nothing to keep.
+                Ok(None) => {
+                    if self.has_local(p) {
+                        self.forget(id, true).await;
+                    }
+                    continue;
+                }
                 Err(e) => {
                     log::warn!(project = p, error:% = e; "cannot read the project's manifests; skipped");
                     continue;
@@ -473,12 +604,226 @@ impl Agent {
             };
             let busy = status.is_some_and(|s| s.state.is_active());
             if (behind || lost) && !busy {
+                match gitstore::manifest::read(&self.store, id, newest).await {
+                    Ok(m) if m.deleted_at.is_some() => {
+                        self.forget(id, false).await;
+                        continue;
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        log::warn!(project = p, error:% = e; "cannot read the project's manifest; skipped");
+                        continue;
+                    }
+                }
                 log::info!(project = p, behind, lost; "reconciling with the blob store");
-                self.request(&id, None, Request::default());
+                self.request(id, None, Request::default());
                 queued += 1;
             }
         }
+        // Purged while this machine was away: nothing of them is left in the store.
+        let listed: HashSet<&str> = listed.iter().map(ProjectId::as_str).collect();
+        for e in std::fs::read_dir(self.cfg.state_dir.join("projects"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let Some(id) = e
+                .file_name()
+                .to_str()
+                .and_then(|n| ProjectId::parse(n).ok())
+            else {
+                continue;
+            };
+            if !listed.contains(id.as_str()) {
+                self.forget(&id, true).await;
+            }
+        }
         Ok(queued)
+    }
+
+    /// From now on nothing of the project is built, and no build reports its state.
+    pub(crate) fn mark_gone(&self, project: &str) {
+        self.gone
+            .lock()
+            .expect("gone lock")
+            .insert(project.to_owned());
+    }
+
+    pub(crate) fn is_gone(&self, project: &str) -> bool {
+        self.gone.lock().expect("gone lock").contains(project)
+    }
+
+    /// A sync found the project's latest manifest live: it builds again (after a restore, or a
+    /// new project of the same name after a purge).
+    pub(crate) fn restored(&self, project: &str) -> bool {
+        self.gone.lock().expect("gone lock").remove(project)
+    }
+
+    /// Whether anything of the project is on this machine.
+    pub(crate) fn has_local(&self, project: &str) -> bool {
+        self.is_known(project)
+            || self.project_dir(project).exists()
+            || publish::project_dir(&self.cfg.publish_dir, project).exists()
+    }
+
+    /// The project's latest manifest says it is deleted, or it has none any more (`purged`):
+    /// stops its builds, unpublishes it (nginx answers 404 from then on) and removes its
+    /// worktree, node_modules, repository cache, status and logs. A deleted project stays
+    /// refused until a sync finds it restored; a purged one is forgotten entirely.
+    pub async fn forget(self: &Arc<Self>, project: &ProjectId, purged: bool) {
+        let locks = self.locks(project.as_str());
+        let _decided = locks.lifecycle.lock().await;
+        self.forget_locked(project, purged).await;
+    }
+
+    /// [`Agent::forget`] for a caller that holds the project's lifecycle lock.
+    pub(crate) async fn forget_locked(self: &Arc<Self>, project: &ProjectId, purged: bool) {
+        let name = project.as_str();
+        if !self.has_local(name) {
+            // Already off this machine (a restart reading a deletion it applied before).
+            if purged {
+                self.restored(name);
+            } else {
+                self.mark_gone(name);
+            }
+            return;
+        }
+        self.mark_gone(name);
+        let cancelled = self.cancel(name);
+        // The cancelled build ends at once (its sandbox is killed); it must be over before its
+        // directories go, or it could publish into them again.
+        let mut changed = self.subscribe();
+        let until = tokio::time::Instant::now() + Duration::from_secs(60);
+        while self.running().iter().any(|p| p == name) && tokio::time::Instant::now() < until {
+            let _ = tokio::time::timeout_at(until, changed.changed()).await;
+        }
+        let locks = self.locks(name);
+        let _no_sync = locks.repo.lock().await;
+        let agent = self.clone();
+        let n = name.to_owned();
+        tokio::task::spawn_blocking(move || agent.remove_local(&n))
+            .await
+            .expect("removal task");
+        self.slots.lock().expect("slots lock").remove(name);
+        self.quotas.clear_refused(name);
+        self.shares.forget(name);
+        self.gc.note_freed();
+        if purged {
+            // Its id may be claimed again, by anyone.
+            self.events.forget_owner(name);
+            self.restored(name);
+        }
+        log::info!(project = name, purged, cancelled:? = cancelled; "project deleted: unpublished and removed from this machine");
+    }
+
+    fn remove_local(&self, project: &str) {
+        let trash = self.cfg.publish_dir.join(".trash");
+        let published = publish::project_dir(&self.cfg.publish_dir, project);
+        if published.exists() {
+            let aside = trash.join(format!("{project}-{}", crate::status::now_ms()));
+            // Renamed first, under the publish lock: nginx answers 404 from this instant, and no
+            // rollback switches `current` in what is being deleted.
+            let moved = {
+                let locks = self.locks(project);
+                let _switching = locks.publish.lock().expect("publish lock");
+                std::fs::create_dir_all(&trash).and_then(|()| std::fs::rename(&published, &aside))
+            };
+            let gone = match moved {
+                Ok(()) => std::fs::remove_dir_all(&aside),
+                Err(_) => std::fs::remove_dir_all(&published),
+            };
+            if let Err(e) = gone {
+                log::error!(project, error:% = e; "cannot remove the project's published builds");
+            }
+        }
+        let nm = std::fs::read(self.project_dir(project).join("install.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .and_then(|v| v["nm"].as_str().map(str::to_owned))
+            .filter(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_alphanumeric()));
+        if let Some(nm) = nm {
+            let _ = std::fs::remove_dir_all(self.volume().join("nm").join(nm));
+        }
+        let dir = self.project_dir(project);
+        if let Err(e) = std::fs::remove_dir_all(&dir) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                log::error!(project, dir:% = dir.display(), error:% = e; "cannot remove the project's files");
+            }
+        }
+        let prefix = format!("{project}-");
+        for e in std::fs::read_dir(self.cfg.state_dir.join("builds"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let n = e.file_name().to_string_lossy().into_owned();
+            // `<project>-<build>`: a digit follows, so project `a` never takes `a-b`'s scratch.
+            if n.strip_prefix(&prefix)
+                .is_some_and(|rest| rest.bytes().next().is_some_and(|b| b.is_ascii_digit()))
+            {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+
+    /// Runs `f` while no build of the project can start; false (and `f` not run) when one is
+    /// queued or running.
+    pub(crate) fn while_idle(&self, project: &str, f: impl FnOnce()) -> bool {
+        let Some(slot) = self.slot(project) else {
+            f();
+            return true;
+        };
+        let s = slot.lock().expect("slot lock");
+        if s.running.is_some() {
+            return false;
+        }
+        f();
+        true
+    }
+
+    /// Whether a sync for `head` has nothing to build: the project's last build was of that
+    /// commit and failed or was cancelled (a metadata or share change publishes a manifest
+    /// generation without moving any branch; `POST /build` builds it again on purpose).
+    pub(crate) fn already_tried(&self, project: &str, head: &str) -> Option<(u64, State)> {
+        let slot = self.slot(project)?;
+        let s = slot.lock().expect("slot lock");
+        let tried = s.running.is_none()
+            && s.pending.is_none()
+            && s.status.commit.as_deref() == Some(head)
+            && matches!(
+                s.status.state,
+                State::Failed | State::TimedOut | State::Cancelled
+            );
+        tried.then_some((s.status.build, s.status.state))
+    }
+
+    /// Writes the project's build state to the store for gitstore's project API, off the build
+    /// path: a report, so a failure is only logged.
+    pub(crate) fn report_build_state(&self, project: &str) {
+        if self.is_gone(project) {
+            return;
+        }
+        let (Some(st), Ok(id)) = (self.status(project), ProjectId::parse(project)) else {
+            return;
+        };
+        let served = crate::versions::served(self, project, Some(&st));
+        let usage = crate::retention::Usage::load(&self.project_dir(project)).unwrap_or_default();
+        let state = gitstore::build_state::BuildState {
+            agent: self.hostname.clone(),
+            current_build: served.as_ref().map(|(b, _)| *b),
+            current_commit: served.map(|(_, c)| c),
+            last_state: st.state.as_str().to_owned(),
+            last_built_at: st.finished_at_ms.map(|ms| ms / 1000),
+            preview_url: self.cfg.preview_url_for(project),
+            disk_bytes: usage.total(),
+            updated_at: crate::status::now_ms() / 1000,
+        };
+        let store = self.store.clone();
+        tokio::spawn(async move {
+            if let Err(e) = gitstore::build_state::write(&store, &id, &state).await {
+                log::warn!(project = id.as_str(), error:% = e; "cannot write the build state to the store");
+            }
+        });
     }
 
     /// Serves `target` again. A kept successful build of it is switched to at once (a rename and
@@ -549,6 +894,7 @@ impl Agent {
                     .await
                     .expect("rollback task")?;
             if switched {
+                self.report_build_state(name);
                 return Ok(RolledBack::Switched { build, commit });
             }
         }
@@ -556,9 +902,13 @@ impl Agent {
         let req = Request {
             force: false,
             commit: Some(commit.clone()),
+            pin: false,
         };
-        let (Requested::Queued(build) | Requested::AlreadyBuilt(build)) =
-            self.request(project, None, req);
+        let build = match self.request_within_quota(project, None, req).await {
+            Requested::Queued(b) | Requested::AlreadyBuilt(b) | Requested::Busy(b) => b,
+            Requested::Refused(r) => return Err(RollbackError::Quota(r)),
+            Requested::Deleted => return Err(RollbackError::Deleted(name.to_owned())),
+        };
         log::info!(project = name, build, commit; "rollback: no kept build of the commit; building it");
         Ok(RolledBack::Queued { build, commit })
     }
@@ -650,6 +1000,7 @@ impl Agent {
                     Request {
                         force: true,
                         commit,
+                        pin: st.pin,
                     },
                 );
             }

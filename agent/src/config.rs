@@ -30,8 +30,20 @@ pub struct Config {
     pub build_timeout: Duration,
     /// Builds running at once.
     pub concurrency: usize,
-    /// Published builds kept per project (besides the current one).
+    /// Published builds kept per project: the newest this many (the current one counts).
     pub keep_builds: usize,
+    /// Builds younger than this are kept too, however many there are.
+    pub keep_builds_for: Duration,
+    /// Disk use (percent of the filesystem holding the state or the volume dir) at which idle
+    /// projects' worktrees and node_modules are evicted, least recently built first...
+    pub disk_high_water: u8,
+    /// ...until use is below this.
+    pub disk_low_water: u8,
+    /// How often retention and the disk check run besides after each build.
+    pub gc_interval: Duration,
+    /// Per-client build quotas for clients whose record sets none.
+    pub quota_builds_per_hour: u64,
+    pub quota_concurrent_builds: u64,
     pub log_limit_bytes: u64,
     pub max_output_bytes: u64,
     /// Program run for `pnpm`; must be visible inside the sandbox (under /usr).
@@ -211,6 +223,12 @@ pub(crate) fn test_config(preview_url: &str) -> Config {
         build_timeout: Duration::ZERO,
         concurrency: 1,
         keep_builds: 1,
+        keep_builds_for: Duration::ZERO,
+        disk_high_water: 85,
+        disk_low_water: 70,
+        gc_interval: Duration::from_secs(300),
+        quota_builds_per_hour: 600,
+        quota_concurrent_builds: 1,
         log_limit_bytes: 1,
         max_output_bytes: 1,
         pnpm: "/usr/bin/pnpm".into(),

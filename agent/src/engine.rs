@@ -116,11 +116,16 @@ impl Agent {
             "kiln-engine",
         );
         let mut log = Log::create(&cfg.state_dir.join("engine-fast.log"), 1 << 20).map_err(err)?;
+        // Like every install: never while the store is pruned.
+        let store_lock = crate::retention::lock_store(&volume, false)
+            .await
+            .map_err(err)?;
         let outcome = {
             let mut output = |b: &[u8]| log.write(b);
             sandbox::run(&self.exe, &spec, &mut output, CancellationToken::new()).await
         }
         .map_err(|e| e.to_string());
+        drop(store_lock);
         let _ = std::fs::remove_dir_all(&scratch);
         match outcome?.exit {
             Exit::Code(0) => std::fs::write(dir.join(DONE), b"").map_err(err),

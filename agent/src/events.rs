@@ -159,6 +159,11 @@ impl Events {
         (rx, resume)
     }
 
+    /// Drops the cached owner of a purged project, whose id anyone may claim again.
+    pub(crate) fn forget_owner(&self, project: &str) {
+        self.owners.lock().expect("owners lock").remove(project);
+    }
+
     /// The client that owns `project`, read from the store and cached.
     pub(crate) async fn owner(
         &self,
@@ -201,7 +206,7 @@ mod tests {
     fn only_state_changes_are_events_and_ids_increase() {
         let (cfg, events) = (config(), Events::new());
         let mut st = Status::new("shop");
-        st.begin(1, None);
+        st.begin(1, None, false);
         let queued = events.observe(&cfg, &st).expect("queued");
         assert!(queued.first);
         st.phases.insert("sync".into(), 3);
@@ -212,7 +217,7 @@ mod tests {
         st.finish(State::Failed, Some("boom".into()));
         let failed = events.observe(&cfg, &st).expect("failed");
         assert_eq!(failed.error.as_deref(), Some("boom"));
-        st.begin(2, None);
+        st.begin(2, None, false);
         assert!(events.observe(&cfg, &st).expect("next build").first);
         // A status loaded from disk is not news.
         let mut other = Status::new("other");
@@ -230,7 +235,7 @@ mod tests {
         let mut st = Status::new("shop");
         let mut ids = Vec::new();
         for build in 1..=(RING as u64 + 10) {
-            st.begin(build, None);
+            st.begin(build, None, false);
             ids.push(events.observe(&cfg, &st).unwrap().id);
         }
         let (mut rx, resume) = events.subscribe(Some(ids[ids.len() - 4]));
@@ -250,7 +255,7 @@ mod tests {
         );
         let (_, resume) = events.subscribe(Some(ids.last().unwrap() + 5));
         assert!(matches!(resume, Resume::Reset { .. }), "from the future");
-        st.begin(9999, None);
+        st.begin(9999, None, false);
         let live = events.observe(&cfg, &st).unwrap();
         assert_eq!(rx.try_recv().unwrap().id, live.id);
     }

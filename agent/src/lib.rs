@@ -7,7 +7,9 @@
 //! logs), `versions` (the preview branch's commits with their builds, exports as archives and
 //! WebContainer trees), `events` (build state transitions: the `/api/events` feed and its
 //! resumable ring), `notify` (signed, retried notifications to the URL a client registered),
-//! `config`, `metrics`.
+//! `retention` (which builds stay, LRU eviction of idle projects' worktrees and node_modules,
+//! the pnpm store prune, the report), `quota` (builds per hour and concurrent builds per
+//! client), `share` (view share links to a pinned build), `config`, `metrics`.
 
 mod agent;
 pub mod checkout;
@@ -20,8 +22,11 @@ mod notify;
 mod pipeline;
 pub mod preview;
 pub mod publish;
+pub mod quota;
+pub mod retention;
 pub mod sandbox;
 pub mod server;
+pub mod share;
 pub mod status;
 pub mod versions;
 

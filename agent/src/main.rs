@@ -82,8 +82,34 @@ struct ServeArgs {
     /// for the next start (keep it under the unit's TimeoutStopSec= minus 20 s).
     #[arg(long, env = "KILN_SHUTDOWN_GRACE_SECS", default_value_t = 60)]
     shutdown_grace_secs: u64,
+    /// Published builds kept per project: the newest N (the current one counts)...
     #[arg(long, env = "KILN_KEEP_BUILDS", default_value_t = 5)]
     keep_builds: usize,
+    /// ...and every build younger than this (default 7 days). The current build and builds of
+    /// commits a live share link names are always kept.
+    #[arg(long, env = "KILN_KEEP_BUILDS_SECS", default_value_t = 7 * 24 * 3600)]
+    keep_builds_secs: u64,
+    /// Disk use, in percent of the filesystem holding the state or volume dir, above which idle
+    /// projects' worktrees and node_modules are evicted, least recently built first (0 evicts
+    /// every idle project at each check).
+    #[arg(long, env = "KILN_DISK_HIGH_WATER", default_value_t = 85,
+          value_parser = clap::value_parser!(u8).range(0..=100))]
+    disk_high_water: u8,
+    /// Evictions stop once disk use is below this percent.
+    #[arg(long, env = "KILN_DISK_LOW_WATER", default_value_t = 70,
+          value_parser = clap::value_parser!(u8).range(0..=100))]
+    disk_low_water: u8,
+    /// How often retention and the disk check run, besides after every build.
+    #[arg(long, env = "KILN_GC_INTERVAL_SECS", default_value_t = 300,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    gc_interval_secs: u64,
+    /// Builds a client may start per hour, unless its client record sets its own quota.
+    #[arg(long, env = "KILN_QUOTA_BUILDS_PER_HOUR", default_value_t = 600)]
+    quota_builds_per_hour: u64,
+    /// Builds of one client's projects queued or running at once, unless its client record
+    /// sets its own quota (default: the agent's build concurrency).
+    #[arg(long, env = "KILN_QUOTA_CONCURRENT_BUILDS")]
+    quota_concurrent_builds: Option<u64>,
     #[arg(long, env = "KILN_LOG_LIMIT_MB", default_value_t = 8)]
     log_limit_mb: u64,
     #[arg(long, env = "KILN_MAX_OUTPUT_MB", default_value_t = 512)]
@@ -128,6 +154,9 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         .memory_mb
         .map(|m| m << 20)
         .unwrap_or_else(Config::default_memory);
+    let concurrency = a
+        .concurrency
+        .unwrap_or_else(|| Config::default_concurrency(memory_bytes));
     let cfg = Config {
         volume_dir: a.volume_dir.unwrap_or_else(|| a.state_dir.join("volume")),
         state_dir: a.state_dir,
@@ -148,10 +177,15 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         cpus: a.cpus.unwrap_or_else(Config::default_cpus),
         install_timeout: Duration::from_secs(a.install_timeout_secs),
         build_timeout: Duration::from_secs(a.build_timeout_secs),
-        concurrency: a
-            .concurrency
-            .unwrap_or_else(|| Config::default_concurrency(memory_bytes)),
+        concurrency,
         keep_builds: a.keep_builds,
+        keep_builds_for: Duration::from_secs(a.keep_builds_secs),
+        disk_high_water: a.disk_high_water,
+        // Above the high-water mark it could never be reached: evict down to the mark.
+        disk_low_water: a.disk_low_water.min(a.disk_high_water),
+        gc_interval: Duration::from_secs(a.gc_interval_secs),
+        quota_builds_per_hour: a.quota_builds_per_hour,
+        quota_concurrent_builds: a.quota_concurrent_builds.unwrap_or(concurrency as u64),
         log_limit_bytes: a.log_limit_mb << 20,
         max_output_bytes: a.max_output_mb << 20,
         pnpm: a.pnpm,
@@ -170,7 +204,10 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
     let exe = std::env::current_exe().context("finding the agent binary")?;
     log::info!(
         listen:% = a.listen, store = store.url(), concurrency = cfg.concurrency,
-        memory_mb = cfg.memory_bytes >> 20, cpus = cfg.cpus; "kiln-agent starting"
+        memory_mb = cfg.memory_bytes >> 20, cpus = cfg.cpus, keep_builds = cfg.keep_builds,
+        keep_builds_secs = cfg.keep_builds_for.as_secs(), disk_high_water = cfg.disk_high_water,
+        disk_low_water = cfg.disk_low_water, quota_builds_per_hour = cfg.quota_builds_per_hour,
+        quota_concurrent_builds = cfg.quota_concurrent_builds; "kiln-agent starting"
     );
     let agent_volume = cfg.volume_dir.clone();
     let agent = agent::Agent::new(cfg, store, exe);
@@ -190,6 +227,7 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
     });
     // Installed even when the default is `project`: a project may pin `fast`.
     agent.install_fast_engine();
+    agent.start_gc();
     let listener = tokio::net::TcpListener::bind(a.listen)
         .await
         .with_context(|| format!("binding {}", a.listen))?;

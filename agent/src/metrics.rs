@@ -29,6 +29,10 @@ pub(crate) struct Counters {
     pub(crate) coalesced: AtomicU64,
     pub(crate) webhooks_rejected: AtomicU64,
     pub(crate) fast_fallbacks: AtomicU64,
+    pub(crate) quota_refusals: AtomicU64,
+    pub(crate) builds_retired: AtomicU64,
+    pub(crate) evictions: AtomicU64,
+    pub(crate) store_prunes: AtomicU64,
 }
 
 impl std::ops::Deref for Metrics {
@@ -137,6 +141,30 @@ impl Metrics {
             "counter",
             "Builds the fast engine failed and the project's own Vite built again.",
             vec![(String::new(), g(&self.fast_fallbacks))],
+        );
+        family(
+            "kiln_agent_quota_refusals_total",
+            "counter",
+            "Builds refused because the client's build quota was used up.",
+            vec![(String::new(), g(&self.quota_refusals))],
+        );
+        family(
+            "kiln_agent_builds_retired_total",
+            "counter",
+            "Published builds removed by retention.",
+            vec![(String::new(), g(&self.builds_retired))],
+        );
+        family(
+            "kiln_agent_evictions_total",
+            "counter",
+            "Idle projects whose worktree and node_modules were evicted for disk space.",
+            vec![(String::new(), g(&self.evictions))],
+        );
+        family(
+            "kiln_agent_store_prunes_total",
+            "counter",
+            "Successful prunes of the shared pnpm store.",
+            vec![(String::new(), g(&self.store_prunes))],
         );
         out
     }

@@ -68,11 +68,17 @@ pub(crate) async fn run(
     let scratch = agent.scratch_dir(project, build);
     let _ = std::fs::remove_dir_all(&scratch);
     let secs = started.elapsed().as_secs_f64();
+    // A share link's build leaves the preview's page as it is.
+    let show_status_page = |agent: &Agent| {
+        if !req.pin {
+            agent.show_status_page(project);
+        }
+    };
     match result {
         Ok(()) => {
             log.note(&format!("ready in {secs:.2}s"));
             agent.update(project, |s| s.finish(State::Ready, None));
-            agent.show_status_page(project);
+            show_status_page(agent);
             agent.metrics.outcome(State::Ready);
             log::info!(project, build, secs; "build ready");
         }
@@ -87,11 +93,23 @@ pub(crate) async fn run(
             };
             log.note(&format!("{}: {}", f.state.as_str(), f.message));
             agent.update(project, |s| s.finish(f.state, Some(f.message.clone())));
-            agent.show_status_page(project);
+            show_status_page(agent);
             agent.metrics.outcome(f.state);
             log::warn!(project, build, state = f.state.as_str(), error = f.message; "build did not succeed");
         }
     }
+    if agent.is_gone(project) {
+        return;
+    }
+    // Sizes once per build, for the retention report, eviction and the store's build state.
+    let installed = agent
+        .status(project)
+        .is_some_and(|s| s.install.as_deref() == Some("ran"));
+    let (a, p) = (agent.clone(), project.to_owned());
+    tokio::task::spawn_blocking(move || crate::retention::measure(&a, &p, installed))
+        .await
+        .expect("measure task");
+    agent.report_build_state(project);
 }
 
 async fn steps(
@@ -120,6 +138,25 @@ async fn steps(
         "generation {}: fetched {} pack(s), {} bytes",
         report.generation, report.packs_fetched, report.bytes_fetched
     ));
+    // What the manifest says besides refs: a deletion, and the commits shares pin (which
+    // retention keeps). Unreadable shares mean no build is retired this time.
+    let pinned = match gitstore::manifest::read(&agent.store, &pid, report.generation).await {
+        Ok(m) if m.deleted_at.is_some() => {
+            agent.mark_gone(project);
+            let (a, id) = (agent.clone(), pid.clone());
+            tokio::spawn(async move { a.forget(&id, false).await });
+            return Err(Failure::failed(
+                "the project was deleted: it is no longer built or served",
+            ));
+        }
+        Ok(m) => Some(crate::retention::pinned_commits(&m)),
+        Err(e) => {
+            log.note(&format!(
+                "cannot read the manifest's shares ({e}): no old build is retired this time"
+            ));
+            None
+        }
+    };
     let (refname, head) = preview_ref(&repo).await.map_err(Failure::failed)?;
     log.note(&format!("{refname} is at {head}"));
     let status = agent.status(project).expect("status exists during a build");
@@ -127,6 +164,9 @@ async fn steps(
     match &target {
         Target::Head => {}
         Target::Rollback(c) => log.note(&format!("building {c}, asked for by a rollback")),
+        Target::Pinned(c) => log.note(&format!(
+            "building {c} for a share link: published at its pinned URL only"
+        )),
         Target::StillRolledBack(c, _) => log.note(&format!(
             "the preview is rolled back to {c} and {refname} has not moved since: building that commit, not the head"
         )),
@@ -136,6 +176,12 @@ async fn steps(
     done(agent, project, "sync", t);
 
     let publish_dir = publish::project_dir(&agent.cfg.publish_dir, project);
+    if let Target::Pinned(c) = &target {
+        if let Some(kept) = agent.kept_build_of(project, c) {
+            log.note(&format!("commit already built and kept as build {kept}"));
+            return Ok(());
+        }
+    }
     if !req.force {
         if let Some(good) = &status.last_good {
             if good.commit == commit && publish::current(&publish_dir) == Some(good.build) {
@@ -237,27 +283,31 @@ async fn steps(
             "pinned URLs of this build may miss assets: linking them failed: {e}"
         ));
     }
-    let (a, p, pd, keep) = (
-        agent.clone(),
-        project.to_owned(),
-        publish_dir.clone(),
-        agent.cfg.keep_builds,
-    );
+    let (a, p, pd) = (agent.clone(), project.to_owned(), publish_dir.clone());
     let (removed, swept) = tokio::task::spawn_blocking(move || {
         let removed = {
             let locks = a.locks(&p);
             let _switching = locks.publish.lock().expect("publish lock");
-            publish::switch_current(&pd, build)?;
+            if !matches!(target, Target::Pinned(_)) {
+                publish::switch_current(&pd, build)?;
+            }
             a.update(&p, |s| target.record(s, &a.cfg, &p, build, &commit, head));
-            publish::retire(&pd, keep, &[build])
+            match &pinned {
+                Some(pinned) => publish::retire(&pd, &a.retirable(&p, pinned, &[build])),
+                None => Vec::new(),
+            }
         };
+        if !removed.is_empty() {
+            a.metrics
+                .add(&a.metrics.builds_retired, removed.len() as u64);
+        }
         Ok::<_, publish::PublishError>((removed, publish::sweep(&pd)))
     })
     .await
     .expect("publish task")
     .map_err(|e| Failure::failed(format!("publish failed: {e}")))?;
     if !removed.is_empty() {
-        log.note(&format!("pruned old builds {removed:?}"));
+        log.note(&format!("retired old builds {removed:?}"));
     }
     if let Err(e) = swept {
         log.note(&format!(
@@ -274,6 +324,8 @@ enum Target {
     Head,
     /// A commit asked for by a rollback.
     Rollback(String),
+    /// A commit a share link names: published at its pinned URL, `current` left alone.
+    Pinned(String),
     /// The commit the preview is rolled back to: the branch has not moved since the rollback,
     /// so building its head would undo the rollback for no new commit.
     StillRolledBack(String, Rollback),
@@ -282,7 +334,11 @@ enum Target {
 impl Target {
     fn pick(req: &Request, head: &str, good: Option<&LastGood>) -> Self {
         if let Some(c) = &req.commit {
-            return Self::Rollback(c.clone());
+            return if req.pin {
+                Self::Pinned(c.clone())
+            } else {
+                Self::Rollback(c.clone())
+            };
         }
         match good.and_then(|g| Some((g, g.rollback.as_ref()?))) {
             Some((g, r)) if r.head.as_deref() == Some(head) => {
@@ -295,7 +351,7 @@ impl Target {
     fn commit<'a>(&'a self, head: &'a str) -> &'a str {
         match self {
             Self::Head => head,
-            Self::Rollback(c) | Self::StillRolledBack(c, _) => c,
+            Self::Rollback(c) | Self::Pinned(c) | Self::StillRolledBack(c, _) => c,
         }
     }
 
@@ -309,10 +365,15 @@ impl Target {
         commit: &str,
         head: String,
     ) {
+        let pinned_url = cfg.pinned_url_for(project, build);
+        s.pinned_url = Some(pinned_url.clone());
+        if let Self::Pinned(_) = self {
+            return;
+        }
         let now = crate::status::now_ms();
         let from = s.last_good.take();
         let (rollback, rollback_from) = match self {
-            Self::Head => (None, None),
+            Self::Head | Self::Pinned(_) => (None, None),
             Self::Rollback(_) => {
                 let r = Rollback::after(from.as_ref(), commit, Some(head), now);
                 let from_build = r.as_ref().and(from.as_ref()).map(|g| g.build);
@@ -321,8 +382,6 @@ impl Target {
             // Not a new rollback: the same one, served by a fresh build of its commit.
             Self::StillRolledBack(_, r) => (Some(r), None),
         };
-        let pinned_url = cfg.pinned_url_for(project, build);
-        s.pinned_url = Some(pinned_url.clone());
         s.rollback_from = rollback_from;
         s.last_good = Some(LastGood {
             commit: commit.to_owned(),
@@ -459,7 +518,14 @@ async fn install_if_needed(
         "{} (network allowed in this phase only)",
         spec.argv[1..].join(" ")
     ));
+    // Shared with other installs, exclusive of a store prune (which would delete what this
+    // install adds to the store before it links it).
+    let store_lock = tokio::select! {
+        l = crate::retention::lock_store(&volume, false) => l.map_err(setup)?,
+        () = cancel.cancelled() => return Err(Failure { state: State::Cancelled, message: "cancelled".into() }),
+    };
     run_sandboxed(agent, project, "pnpm install", &spec, cancel, log).await?;
+    drop(store_lock);
     let rec = InstallRecord { key, nm: nm_name };
     crate::fsutil::write_atomic(&record_path, &serde_json::to_vec(&rec).expect("serializes"))
         .map_err(setup)?;
@@ -698,7 +764,7 @@ fn has_build_script(package_json: &Path) -> bool {
         .is_some_and(|v| v["scripts"]["build"].is_string())
 }
 
-fn sandbox_env(
+pub(crate) fn sandbox_env(
     cfg: &crate::config::Config,
     project: &str,
     node_env: &str,
@@ -719,7 +785,7 @@ fn sandbox_env(
     ]
 }
 
-fn limits(cfg: &crate::config::Config, timeout: Duration) -> sandbox::Limits {
+pub(crate) fn limits(cfg: &crate::config::Config, timeout: Duration) -> sandbox::Limits {
     sandbox::Limits {
         memory_bytes: cfg.memory_bytes,
         pids: cfg.pids,

@@ -117,6 +117,14 @@ pub fn status_page(
             5,
         ),
         _ if has_current => return None,
+        State::Refused => (
+            "Build waiting for quota",
+            format!(
+                "{}\nIt starts once the quota allows; this page then follows it.",
+                status.error.as_deref().unwrap_or_default()
+            ),
+            10,
+        ),
         _ => (
             "No build to show",
             "The last build was cancelled. Push again or ask for a build to see a preview."
@@ -124,9 +132,12 @@ pub fn status_page(
             5,
         ),
     };
-    let error = matches!(status.state, State::Failed | State::TimedOut)
-        .then_some(detail.as_str())
-        .filter(|d| !d.is_empty());
+    let error = matches!(
+        status.state,
+        State::Failed | State::TimedOut | State::Refused
+    )
+    .then_some(detail.as_str())
+    .filter(|d| !d.is_empty());
     let tag = script(&ScriptConfig {
         origins,
         project: &status.project,
@@ -177,6 +188,27 @@ pub fn status_page(
         project = escape(&status.project),
         build = status.build,
     ))
+}
+
+/// The page a share link answers with while it cannot redirect (building, refused, revoked):
+/// `message`, and a refresh after `retry` seconds when asking again may help.
+pub fn share_page(message: &str, retry: Option<u64>) -> String {
+    let refresh = retry
+        .map(|s| format!(r#"<meta http-equiv="refresh" content="{s}">"#))
+        .unwrap_or_default();
+    format!(
+        r#"<!doctype html>
+<html lang="en"><head><meta charset="utf-8">{refresh}
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="referrer" content="no-referrer">
+<title>Kiln preview</title>
+<style>body{{font:15px/1.5 system-ui,sans-serif;margin:2rem;color:#222}}</style>
+</head><body>
+<p>{}</p>
+</body></html>
+"#,
+        escape(message)
+    )
 }
 
 /// Writes or removes `status.html` in a project's publish directory; a rename, so nginx never
@@ -261,6 +293,14 @@ mod tests {
         assert!(status_page(&status(State::Ready, None), true, true, &o, None).is_none());
         assert!(status_page(&status(State::Cancelled, None), true, true, &o, None).is_none());
         assert!(status_page(&status(State::Cancelled, None), false, false, &o, None).is_some());
+        let refused = status(State::Refused, Some("refused by quota builds_per_hour"));
+        assert!(status_page(&refused, true, false, &o, None).is_none());
+        let page = status_page(&refused, false, false, &o, None).unwrap();
+        assert!(
+            page.contains("waiting for quota") && page.contains("builds_per_hour"),
+            "{page}"
+        );
+        assert!(share_page("<b>", Some(3)).contains("&lt;b&gt;"));
     }
 
     proptest! {

@@ -148,17 +148,15 @@ pub fn kept_builds(project_dir: &Path) -> Vec<u64> {
 
 const RETIRED: &str = ".retired-";
 
-/// Takes published builds beyond the newest `keep` out of the kept set, never `current` or
-/// `protect`, by renaming them aside: quick enough to run under the lock that orders it with a
-/// rollback's switch of `current`. [`sweep`] deletes them afterwards.
-pub fn retire(project_dir: &Path, keep: usize, protect: &[u64]) -> Vec<u64> {
+/// Takes `retired` out of the kept set, never `current`, by renaming them aside: quick enough
+/// to run under the lock that orders it with a rollback's switch of `current`. [`sweep`]
+/// deletes them afterwards. Which builds go is retention's choice (`crate::retention`).
+pub fn retire(project_dir: &Path, retired: &[u64]) -> Vec<u64> {
     let builds = project_dir.join("builds");
     let current = current(project_dir);
-    let mut ids = kept_builds(project_dir);
-    ids.reverse();
     let mut removed = Vec::new();
-    for id in ids.into_iter().skip(keep) {
-        if Some(id) == current || protect.contains(&id) {
+    for &id in retired {
+        if Some(id) == current || !builds.join(id.to_string()).is_dir() {
             continue;
         }
         let to = builds.join(format!("{RETIRED}{id}"));
@@ -470,7 +468,7 @@ mod tests {
         let linked = std::fs::metadata(dir.join("assets/a.js")).unwrap();
         assert_eq!(linked.nlink(), 2, "a hard link, not a copy");
 
-        assert_eq!(retire(dir, 1, &[]), vec![1]);
+        assert_eq!(retire(dir, &[1]), vec![1]);
         sweep(dir).unwrap();
         assert!(!dir.join("builds/1").exists());
         assert_eq!(
@@ -485,14 +483,14 @@ mod tests {
     }
 
     #[test]
-    fn retire_never_takes_current_or_protected_builds() {
+    fn retire_never_takes_current_or_missing_builds() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path();
         for n in 1..=4 {
             build(dir, n, &[]);
         }
         switch_current(dir, 1).unwrap();
-        assert_eq!(retire(dir, 1, &[2]), vec![3]);
+        assert_eq!(retire(dir, &[1, 3, 9]), vec![3]);
         sweep(dir).unwrap();
         assert_eq!(kept_builds(dir), vec![1, 2, 4]);
     }

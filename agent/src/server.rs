@@ -1,6 +1,7 @@
 //! The agent's HTTP API: the signed sync webhook, status, logs, rebuild and cancel, versions,
-//! rollback and export, the live event stream and notification deliveries, health and metrics.
-//! Errors are JSON `{error, message}` with a status code that says what went wrong.
+//! rollback and export, the live event stream and notification deliveries, share links, the
+//! retention report and run, health and metrics. Errors are JSON `{error, message}` with a
+//! status code that says what went wrong.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -22,6 +23,9 @@ pub struct ApiError {
     status: StatusCode,
     code: &'static str,
     message: String,
+    /// More fields of the body (a quota's name, limit and use).
+    details: serde_json::Map<String, serde_json::Value>,
+    retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -30,7 +34,31 @@ impl ApiError {
             status,
             code,
             message: message.into(),
+            details: serde_json::Map::new(),
+            retry_after: None,
         }
+    }
+
+    /// 429 naming the quota, its limit and its use, with when to try again.
+    fn quota(r: &crate::quota::Refusal) -> Self {
+        let mut e = Self::new(StatusCode::TOO_MANY_REQUESTS, "quota", r.message());
+        if let serde_json::Value::Object(fields) = serde_json::to_value(r).expect("serializes") {
+            e.details = fields;
+        }
+        e.retry_after = Some(r.retry_after_secs);
+        e
+    }
+
+    fn deleted(project: &str) -> Self {
+        Self::new(
+            StatusCode::GONE,
+            "deleted",
+            format!("project {project} is deleted: restore it through gitstore to build it again"),
+        )
+    }
+
+    fn forbidden(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, "forbidden", message)
     }
 
     fn unauthorized(message: impl Into<String>) -> Self {
@@ -62,11 +90,14 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let mut r = (
-            self.status,
-            Json(serde_json::json!({"error": self.code, "message": self.message})),
-        )
-            .into_response();
+        let mut body = self.details;
+        body.insert("error".into(), self.code.into());
+        body.insert("message".into(), self.message.into());
+        let mut r = (self.status, Json(serde_json::Value::Object(body))).into_response();
+        if let Some(secs) = self.retry_after {
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from(secs));
+        }
         if self.status == StatusCode::UNAUTHORIZED {
             r.headers_mut().insert(
                 header::WWW_AUTHENTICATE,
@@ -103,6 +134,8 @@ impl From<RollbackError> for ApiError {
             }
             RollbackError::Commit(e) => e.into(),
             RollbackError::Publish(e) => Self::internal("the rollback", &e),
+            RollbackError::Quota(r) => Self::quota(&r),
+            RollbackError::Deleted(p) => Self::deleted(&p),
         }
     }
 }
@@ -149,6 +182,9 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/api/projects/{project}/export", get(export))
         .route("/api/events", get(events))
         .route("/api/notifications/deliveries", get(deliveries))
+        .route("/api/retention", get(retention_report))
+        .route("/api/retention/run", post(retention_run))
+        .route("/share/{token}", get(open_share))
         .layer(DefaultBodyLimit::max(64 << 10))
         .with_state(app)
 }
@@ -175,10 +211,14 @@ impl App {
         }
     }
 
-    /// The project named by a path segment, once the caller may act on it.
+    /// The project named by a path segment, once the caller may act on it (and it is not
+    /// deleted).
     async fn authorized(&self, headers: &HeaderMap, raw: &str) -> ApiResult<ProjectId> {
         let project = project_id(raw)?;
         self.authorize(headers, &project).await?;
+        if self.agent.is_gone(project.as_str()) {
+            return Err(ApiError::deleted(project.as_str()));
+        }
         Ok(project)
     }
 
@@ -248,31 +288,69 @@ async fn sync_project(
             "too many changed_files",
         ));
     }
-    if !app.agent.is_known(project.as_str()) {
-        let exists = gitstore::manifest::newest_generation(&app.agent.store, &project, 0)
-            .await
-            .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "store", e.to_string()))?
-            .is_some();
-        if !exists {
-            return Err(ApiError::new(
-                StatusCode::NOT_FOUND,
-                "not_found",
-                format!("project {project} has nothing in the blob store yet: push to it first"),
-            ));
+    let agent = &app.agent;
+    let name = project.as_str();
+    // Decided under the project's lifecycle lock, from the manifest read under it: a delete and
+    // the restore after it are applied in the order gitstore made them.
+    let locks = agent.locks(name);
+    let _deciding = locks.lifecycle.lock().await;
+    let manifest = gitstore::manifest::latest(&agent.store, &project)
+        .await
+        .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "store", e.to_string()))?;
+    if manifest.generation == 0 {
+        if agent.has_local(name) {
+            // Purged: its manifests are gone from the store.
+            agent.forget_locked(&project, true).await;
+            return Ok(Json(serde_json::json!({"state": "purged"})).into_response());
         }
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("project {project} has nothing in the blob store yet: push to it first"),
+        ));
     }
-    Ok(match app.agent.request(&project, hint.as_deref(), Request::default()) {
-        Requested::Queued(build) => (
-            StatusCode::ACCEPTED,
-            Json(serde_json::json!({"build": build, "state": "queued"})),
-        )
-            .into_response(),
-        Requested::AlreadyBuilt(build) => (
-            StatusCode::OK,
-            Json(serde_json::json!({"build": build, "state": "ready", "message": "already built"})),
-        )
-            .into_response(),
-    })
+    if manifest.deleted_at.is_some() {
+        agent.forget_locked(&project, false).await;
+        return Ok(Json(serde_json::json!({"state": "deleted"})).into_response());
+    }
+    agent.restored(name);
+    let head = versions::preview_head(&manifest.refs).map(str::to_owned);
+    agent.shares.remember(name, Arc::new(manifest));
+    // The preview branch's head in the newest manifest, rather than the pushed ref's new value:
+    // a push to another branch, or a generation that only changes metadata or shares, then
+    // finds its commit built and builds nothing.
+    let hint = head.or(hint);
+    if let Some((build, state)) = hint.as_deref().and_then(|h| agent.already_tried(name, h)) {
+        return Ok(Json(serde_json::json!({
+            "build": build,
+            "state": state.as_str(),
+            "message": format!("this commit's last build ended {}: POST /build/{name} builds it again", state.as_str()),
+        }))
+        .into_response());
+    }
+    Ok(
+        match agent
+            .request_within_quota(&project, hint.as_deref(), Request::default())
+            .await
+        {
+            Requested::Queued(build) | Requested::Busy(build) => (
+                StatusCode::ACCEPTED,
+                Json(serde_json::json!({"build": build, "state": "queued"})),
+            )
+                .into_response(),
+            Requested::AlreadyBuilt(build) => (
+                StatusCode::OK,
+                Json(serde_json::json!({"build": build, "state": "ready", "message": "already built"})),
+            )
+                .into_response(),
+            Requested::Refused(r) => {
+                // gitstore redelivers on 429; the status tells the generator why nothing builds.
+                agent.record_refusal(name, hint.as_deref(), &r);
+                return Err(ApiError::quota(&r));
+            }
+            Requested::Deleted => return Err(ApiError::deleted(name)),
+        },
+    )
 }
 
 /// `POST /build/{project}`: rebuild the current commit.
@@ -282,14 +360,15 @@ async fn rebuild(
     headers: HeaderMap,
 ) -> ApiResult<Response> {
     let project = app.authorized(&headers, &raw).await?;
-    let (Requested::Queued(build) | Requested::AlreadyBuilt(build)) = app.agent.request(
-        &project,
-        None,
-        Request {
-            force: true,
-            ..Request::default()
-        },
-    );
+    let req = Request {
+        force: true,
+        ..Request::default()
+    };
+    let build = match app.agent.request_within_quota(&project, None, req).await {
+        Requested::Queued(b) | Requested::AlreadyBuilt(b) | Requested::Busy(b) => b,
+        Requested::Refused(r) => return Err(ApiError::quota(&r)),
+        Requested::Deleted => return Err(ApiError::deleted(project.as_str())),
+    };
     Ok((
         StatusCode::ACCEPTED,
         Json(serde_json::json!({"build": build, "state": "queued"})),
@@ -846,4 +925,202 @@ async fn deliveries(State(app): State<App>, uri: Uri, headers: HeaderMap) -> Api
         Json(serde_json::json!({"deliveries": app.agent.notifier.deliveries(&client)}))
             .into_response(),
     )
+}
+
+impl App {
+    /// Allows the admin token only.
+    async fn admin(&self, headers: &HeaderMap) -> ApiResult<()> {
+        match self.caller(headers).await? {
+            Caller::Admin => Ok(()),
+            Caller::Client(_) => Err(ApiError::forbidden(
+                "retention is the operator's: use the admin token (KILN_ADMIN_TOKEN)",
+            )),
+        }
+    }
+}
+
+/// The options of a retention report or run, from `?limit=N&evict=all`.
+fn retention_options(uri: &Uri, dry_run: bool) -> ApiResult<crate::retention::Options> {
+    let q = query(uri)?;
+    let limit = match q.get("limit") {
+        None => crate::retention::REPORT_LIMIT,
+        Some(v) => v.parse().map_err(|_| {
+            ApiError::bad_request(format!("limit must be a whole number, got {v:?}"))
+        })?,
+    };
+    let evict_all = match q.get("evict").map(String::as_str) {
+        None => false,
+        Some("all") => true,
+        Some(v) => {
+            return Err(ApiError::bad_request(format!(
+                "evict may only be \"all\" (evict every idle project), got {v:?}"
+            )))
+        }
+    };
+    Ok(crate::retention::Options {
+        dry_run,
+        retention: true,
+        evict_all,
+        limit,
+    })
+}
+
+/// `GET /api/retention[?evict=all][&limit=N]` (admin): what a retention pass would free now:
+/// per project the builds it would retire and their bytes, the worktree and node_modules bytes
+/// eviction could take, and the disk's use against its high-water mark.
+async fn retention_report(
+    State(app): State<App>,
+    uri: Uri,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    app.admin(&headers).await?;
+    let opts = retention_options(&uri, true)?;
+    Ok(Json(app.agent.gc_pass(opts).await).into_response())
+}
+
+/// `POST /api/retention/run[?evict=all][&limit=N]` (admin): runs a pass now and answers what
+/// it freed.
+async fn retention_run(
+    State(app): State<App>,
+    uri: Uri,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    app.admin(&headers).await?;
+    let opts = retention_options(&uri, false)?;
+    Ok(Json(app.agent.gc_pass(opts).await).into_response())
+}
+
+/// `GET /share/{token}` (no credentials but the token): 302 to the pinned URL of a kept build
+/// of the shared version, or 202 while one is built; 404 for a token that names no share, 410
+/// for a revoked or expired one. Browsers get a short page, `Accept: application/json` JSON.
+async fn open_share(
+    State(app): State<App>,
+    Path(token): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    use crate::share::{Opened, ShareError};
+    let json = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("application/json"));
+    let answer = |status: StatusCode,
+                  code: &str,
+                  message: &str,
+                  retry: Option<u64>,
+                  mut body: serde_json::Map<String, serde_json::Value>| {
+        // A 202 is no error: its body says the state instead.
+        let key = if status.is_success() {
+            "state"
+        } else {
+            "error"
+        };
+        body.insert(key.into(), code.into());
+        body.insert("message".into(), message.into());
+        let mut r = if json {
+            (status, Json(serde_json::Value::Object(body))).into_response()
+        } else {
+            let html = crate::preview::share_page(message, retry);
+            (
+                status,
+                [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+                html,
+            )
+                .into_response()
+        };
+        let h = r.headers_mut();
+        // The link may be revoked at any time: never cached, here or by a proxy.
+        h.insert(
+            header::CACHE_CONTROL,
+            header::HeaderValue::from_static("no-store"),
+        );
+        h.insert(
+            header::REFERRER_POLICY,
+            header::HeaderValue::from_static("no-referrer"),
+        );
+        if let Some(secs) = retry {
+            h.insert(header::RETRY_AFTER, header::HeaderValue::from(secs));
+        }
+        r
+    };
+    let none = serde_json::Map::new;
+    match app.agent.open_share(&token).await {
+        Ok(Opened::Redirect { url, .. }) => {
+            let mut r = (StatusCode::FOUND, [(header::LOCATION, url.clone())]).into_response();
+            let h = r.headers_mut();
+            h.insert(
+                header::CACHE_CONTROL,
+                header::HeaderValue::from_static("no-store"),
+            );
+            h.insert(
+                header::REFERRER_POLICY,
+                header::HeaderValue::from_static("no-referrer"),
+            );
+            r
+        }
+        Ok(Opened::Building { build }) => {
+            let mut body = none();
+            if let Some(b) = build {
+                body.insert("build".into(), b.into());
+            }
+            let retry = crate::share::BUILDING_RETRY_SECS;
+            let mut r = answer(
+                StatusCode::ACCEPTED,
+                "building",
+                "This version is being built; the page opens it when it is ready.",
+                Some(retry),
+                body,
+            );
+            if !json {
+                r.headers_mut()
+                    .insert(header::REFRESH, header::HeaderValue::from(retry));
+            }
+            r
+        }
+        Ok(Opened::Refused(q)) => {
+            let mut body = none();
+            if let serde_json::Value::Object(fields) = serde_json::to_value(&q).expect("serializes")
+            {
+                body = fields;
+            }
+            answer(
+                StatusCode::TOO_MANY_REQUESTS,
+                "quota",
+                &format!("This version cannot be built now: {}", q.message()),
+                Some(q.retry_after_secs),
+                body,
+            )
+        }
+        Ok(Opened::Failed { build, error }) => {
+            let mut body = none();
+            body.insert("build".into(), build.into());
+            let first = error.lines().next().unwrap_or("the build failed");
+            answer(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "build_failed",
+                &format!("This version could not be built: {first}"),
+                Some(600),
+                body,
+            )
+        }
+        Err(e @ ShareError::Unknown) => answer(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            &e.to_string(),
+            None,
+            none(),
+        ),
+        Err(e @ (ShareError::Revoked | ShareError::Expired | ShareError::Deleted)) => {
+            answer(StatusCode::GONE, "gone", &e.to_string(), None, none())
+        }
+        Err(ShareError::Store(e)) => {
+            log::error!(error:% = e; "share link: cannot read the store");
+            answer(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store",
+                "The share link cannot be checked right now; try again in a minute.",
+                Some(30),
+                none(),
+            )
+        }
+    }
 }

@@ -19,6 +19,9 @@ pub enum State {
     Failed,
     TimedOut,
     Cancelled,
+    /// Not started: the client's build quota was used up. The status says which quota; the
+    /// agent builds it once the quota allows (and gitstore redelivers the webhook meanwhile).
+    Refused,
 }
 
 impl State {
@@ -44,6 +47,7 @@ impl State {
             State::Failed => "failed",
             State::TimedOut => "timed_out",
             State::Cancelled => "cancelled",
+            State::Refused => "refused",
         }
     }
 }
@@ -141,6 +145,10 @@ pub struct Status {
     /// build was pruned); kept on disk so a restart builds the same commit again.
     #[serde(default)]
     pub requested_commit: Option<String>,
+    /// The build was asked for by a share link: it is published at its pinned URL only and
+    /// leaves `current` (and `last_good`) alone.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pin: bool,
     /// This build's pinned URL, once it is published.
     #[serde(default)]
     pub pinned_url: Option<String>,
@@ -171,6 +179,7 @@ impl Status {
             error: None,
             last_good: None,
             requested_commit: None,
+            pin: false,
             pinned_url: None,
             rollback_from: None,
             history: Vec::new(),
@@ -178,12 +187,14 @@ impl Status {
     }
 
     /// Resets the per-build fields for build `build` of `requested_commit` (None: the branch's
-    /// head), keeping `last_good` and history.
-    pub fn begin(&mut self, build: u64, requested_commit: Option<String>) {
+    /// head; `pin`: for a share link, published at its pinned URL only), keeping `last_good`
+    /// and history.
+    pub fn begin(&mut self, build: u64, requested_commit: Option<String>, pin: bool) {
         self.state = State::Queued;
         self.build = build;
         self.commit = None;
         self.requested_commit = requested_commit;
+        self.pin = pin;
         self.pinned_url = None;
         self.rollback_from = None;
         self.engine = None;
@@ -218,6 +229,14 @@ impl Status {
             },
         );
         self.history.truncate(HISTORY);
+    }
+
+    /// Records that build `build` (of `commit`, when known) was not started, and why: one
+    /// history entry, and one event for whoever follows the project.
+    pub fn refuse(&mut self, build: u64, commit: Option<String>, why: String) {
+        self.begin(build, None, false);
+        self.commit = commit;
+        self.finish(State::Refused, Some(why));
     }
 
     pub fn load(path: &Path) -> Option<Self> {

@@ -341,6 +341,20 @@ pub(crate) fn served(
         .and_then(|h| Some((build, h.commit.clone()?)))
 }
 
+/// The head of the branch previews are built from, as a manifest's refs name it: the rule of
+/// [`preview_branch`].
+pub(crate) fn preview_head(refs: &BTreeMap<String, String>) -> Option<&str> {
+    ["refs/heads/main", "refs/heads/master"]
+        .iter()
+        .find_map(|want| refs.get(*want))
+        .or_else(|| {
+            refs.iter()
+                .find(|(r, _)| r.starts_with("refs/heads/"))
+                .map(|(_, c)| c)
+        })
+        .map(String::as_str)
+}
+
 /// The branch previews are built from (`main`, else `master`, else the first branch) and its
 /// head; None before the first push.
 pub(crate) async fn preview_branch(repo: &Path) -> Result<Option<(String, String)>, RepoError> {

@@ -14,6 +14,7 @@ mod output;
 mod builds;
 mod client;
 mod doctor;
+mod gc;
 mod nginx;
 mod projects;
 mod push;
@@ -72,6 +73,9 @@ enum Cmd {
     Push(push::Args),
     /// Check that this host can run Kiln, and say what to fix.
     Doctor,
+    /// Show what retention would free on the agent's disk (builds, idle projects' worktrees
+    /// and node_modules); --run frees it. Needs KILN_ADMIN_TOKEN.
+    Gc(gc::Args),
 }
 
 /// An error whose report was already printed (doctor's failed checks): exit 1 without repeating it.
@@ -126,6 +130,19 @@ async fn run(cmd: Cmd, g: &Global, out: &output::Output) -> anyhow::Result<()> {
             let git = Remote::new(settings.git(), Some(token.clone()), "gitstore");
             let agent = Remote::new(settings.agent(), Some(token.clone()), "the agent");
             push::run(&git, Some(&agent), &token, out, a).await
+        }
+        Cmd::Gc(a) => {
+            let token = settings
+                .var("KILN_ADMIN_TOKEN")
+                .map(|(t, _)| t)
+                .ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "kiln gc needs the admin token: set KILN_ADMIN_TOKEN (its SHA-256 is \
+                         the agent's KILN_ADMIN_TOKEN_SHA256)"
+                    )
+                })?;
+            let agent = Remote::new(settings.agent(), Some(token), "the agent");
+            gc::run(&agent, out, a).await
         }
         Cmd::Doctor => {
             let git = Remote::new(settings.git(), None, "gitstore");

@@ -38,6 +38,7 @@ const FRONT_DOOR_PATHS: &[&str] = &[
     "cancel",
     "status",
     "logs",
+    "share",
     "healthz",
 ];
 

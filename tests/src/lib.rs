@@ -583,6 +583,36 @@ pub fn latest_manifest(store_dir: &Path, project: &str) -> Option<serde_json::Va
     Some(serde_json::from_slice(&bytes).expect("manifest is JSON"))
 }
 
+/// Publishes the next manifest generation of `project` in the file store at `store_dir`, made
+/// by `edit` from the newest one, as gitstore's metadata, share and delete operations do: a
+/// generation that moves no ref. Claimed with a create, like gitstore's CAS. Returns its number.
+pub fn publish_generation(
+    store_dir: &Path,
+    project: &str,
+    edit: impl FnOnce(&mut serde_json::Value),
+) -> u64 {
+    let mut m = latest_manifest(store_dir, project).expect("the project has a manifest");
+    let generation = m["generation"].as_u64().expect("generation") + 1;
+    m["generation"] = generation.into();
+    m["updated_at"] = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        .into();
+    edit(&mut m);
+    let path = store_dir.join(format!(
+        "projects/{project}/manifests/{generation:020}.json"
+    ));
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .unwrap_or_else(|e| panic!("claiming {}: {e}", path.display()));
+    f.write_all(&serde_json::to_vec_pretty(&m).unwrap())
+        .expect("writing the manifest");
+    generation
+}
+
 /// The current manifest generation of `project` (0 when never pushed).
 pub fn generation(store_dir: &Path, project: &str) -> u64 {
     latest_manifest(store_dir, project).map_or(0, |m| {
@@ -1123,6 +1153,26 @@ impl Stack {
         std::fs::read_to_string(self.publish_dir().join(project).join("current").join(rel)).ok()
     }
 
+    /// Sends the agent the signed sync webhook for `project`, as gitstore does after each new
+    /// manifest generation (a push, a delete, a restore, a share).
+    pub fn sync(&self, project: &str) -> Response {
+        use hmac::Mac;
+        let body = format!("{{\"project\":\"{project}\"}}");
+        let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(WEBHOOK_SECRET.as_bytes())
+            .expect("HMAC takes any key");
+        mac.update(body.as_bytes());
+        let sig = format!("sha256={}", hex::encode(mac.finalize().into_bytes()));
+        http(
+            "POST",
+            &format!("{}/sync-project/{project}", self.agent_url()),
+            &[
+                ("X-Kiln-Signature-256", &sig),
+                ("Content-Type", "application/json"),
+            ],
+            body.as_bytes(),
+        )
+    }
+
     /// Pushes `repo`'s main to `project`.
     pub fn push(&self, repo: &Repo, project: &str) {
         let out = repo.push(&self.gitstore.git_url(&self.token, project), &["main"]);
@@ -1164,6 +1214,11 @@ fn spawn_agent(dir: &Path, port: u16, args: &[String]) -> Child {
         .args(["--sandbox-user", SANDBOX_USER])
         .args(args)
         .env("KILN_LOG", "info")
+        // Tests count kept builds, not their age; and the test machine's disk use must not
+        // decide which tests find their node_modules evicted. A test passes the flag to use
+        // either.
+        .env("KILN_KEEP_BUILDS_SECS", "0")
+        .env("KILN_DISK_HIGH_WATER", "100")
         .stdin(Stdio::null())
         .stdout(log.try_clone().expect("log file"))
         .stderr(log)
