@@ -19,6 +19,7 @@ test: deps-test
 bench: deps-test
 	$(CARGO) bench -p kiln-gitstore --bench push
 	$(CARGO) bench -p kiln-tests --bench preview
+	$(CARGO) bench -p kiln-tests --bench versions
 
 deps:
 	bash provisioning/deps.sh
