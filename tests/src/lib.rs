@@ -999,6 +999,11 @@ impl Stack {
 
     /// Starts the agent with extra `serve` arguments, then a gitstore pointed at it.
     pub fn start_with(agent_args: &[&str]) -> Self {
+        Self::start_with_gitstore(agent_args, &[])
+    }
+
+    /// Like [`Stack::start_with`], with extra gitstore `serve` arguments too.
+    pub fn start_with_gitstore(agent_args: &[&str], gitstore_args: &[&str]) -> Self {
         require_tool("pnpm", "npm install -g pnpm@10");
         require_tool("node", "apt-get install -y nodejs npm");
         require_tool("unshare", "apt-get install -y util-linux");
@@ -1013,7 +1018,10 @@ impl Stack {
         let agent = spawn_agent(dir.path(), port, &agent_args);
         let gitstore = Gitstore::start_with(Options {
             store: Some(store.to_string_lossy().into_owned()),
-            args: vec!["--agent-url".into(), format!("http://127.0.0.1:{port}")],
+            args: ["--agent-url".into(), format!("http://127.0.0.1:{port}")]
+                .into_iter()
+                .chain(gitstore_args.iter().map(|a| a.to_string()))
+                .collect(),
             ..Options::default()
         });
         let token = gitstore.create_client("agent-tests");
