@@ -31,8 +31,6 @@ const MISS_EVERY: Duration = Duration::from_secs(1);
 const FAILED_RETRY: Duration = Duration::from_secs(600);
 /// What the building answer asks the browser to wait before asking again.
 pub const BUILDING_RETRY_SECS: u64 = 3;
-/// Longer tokens are no token of ours: refused before any store read.
-const MAX_TOKEN: usize = 256;
 
 /// Manifests read for share links, per project.
 #[derive(Default)]
@@ -125,22 +123,8 @@ impl Agent {
     /// Resolves a share token to the build that shows its version, queuing one when no kept
     /// build has it.
     pub async fn open_share(self: &Arc<Self>, token: &str) -> Result<Opened, ShareError> {
-        let mut parts = token.splitn(3, '.');
-        let (Some(project), Some(_id), Some(secret)) = (parts.next(), parts.next(), parts.next())
-        else {
-            return Err(ShareError::Unknown);
-        };
-        if token.len() > MAX_TOKEN || secret.is_empty() {
-            return Err(ShareError::Unknown);
-        }
-        let project = ProjectId::parse(project).map_err(|_| ShareError::Unknown)?;
-        // Every stored hash is compared in constant time; which one matched is not secret.
-        let find = |m: &Manifest| {
-            m.shares
-                .iter()
-                .find(|s| gitstore::auth::token_matches(token, &s.token_sha256))
-                .cloned()
-        };
+        let (project, _) = gitstore::shares::parse_token(token).ok_or(ShareError::Unknown)?;
+        let find = |m: &Manifest| gitstore::shares::find(m, token).cloned();
         let mut m = self
             .shares
             .manifest(&self.store, &project, MANIFEST_TTL)

@@ -98,7 +98,7 @@ pub fn token_matches(token: &str, sha256_hex: &str) -> bool {
         .into()
 }
 
-fn random_alnum(len: usize) -> String {
+pub(crate) fn random_alnum(len: usize) -> String {
     const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
     let mut rng = rand::rng();
     (0..len)

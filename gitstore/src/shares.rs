@@ -15,7 +15,6 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use bytes::Bytes;
-use rand::Rng;
 use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq;
 
@@ -84,12 +83,18 @@ pub fn parse_token(token: &str) -> Option<(ProjectId, &str)> {
     Some((ProjectId::parse(project).ok()?, id))
 }
 
-fn random_alnum(len: usize) -> String {
-    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
-    let mut rng = rand::rng();
-    (0..len)
-        .map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char)
-        .collect()
+/// The share of `m` that `token` opens, live or not. Every stored hash is compared, each in
+/// constant time, so the time taken says nothing about which one matched.
+pub fn find<'m>(m: &'m Manifest, token: &str) -> Option<&'m Share> {
+    let (_, id) = parse_token(token)?;
+    let hash = auth::hash_token(token);
+    let mut found = None;
+    for s in &m.shares {
+        if bool::from(hash.as_bytes().ct_eq(s.token_sha256.as_bytes())) {
+            found = Some(s);
+        }
+    }
+    found.filter(|s| s.id == id)
 }
 
 /// When a share created at `now` expires: `expires_in_secs` from now (default 30 days), at most
@@ -133,8 +138,8 @@ pub async fn create(
     mode: ShareMode,
     expires_at: u64,
 ) -> Result<(Share, String), ShareError> {
-    let id = random_alnum(ID_LEN);
-    let token = format!("{project}.{id}.{}", random_alnum(SECRET_LEN));
+    let id = auth::random_alnum(ID_LEN);
+    let token = format!("{project}.{id}.{}", auth::random_alnum(SECRET_LEN));
     let share = Share {
         id,
         token_sha256: auth::hash_token(&token),
@@ -226,20 +231,12 @@ async fn resolve_with_manifest(
     store: &BlobStore,
     token: &str,
 ) -> Result<(ProjectId, Share, Manifest), ShareError> {
-    let (project, id) = parse_token(token).ok_or(ShareError::Malformed)?;
+    let (project, _) = parse_token(token).ok_or(ShareError::Malformed)?;
     let m = manifest::latest(store, &project).await?;
     if m.deleted_at.is_some() {
         return Err(ShareError::Unknown);
     }
-    let hash = auth::hash_token(token);
-    // Every share is compared, so the time taken says nothing about which one matched.
-    let mut found = None;
-    for s in &m.shares {
-        if bool::from(hash.as_bytes().ct_eq(s.token_sha256.as_bytes())) {
-            found = Some(s);
-        }
-    }
-    let share = found.filter(|s| s.id == id).ok_or(ShareError::Unknown)?;
+    let share = find(&m, token).ok_or(ShareError::Unknown)?;
     let now = unix_now();
     if share.revoked_at.is_some() {
         return Err(ShareError::Revoked {

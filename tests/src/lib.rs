@@ -16,6 +16,7 @@
 //! - [`kiln_sync`]: the `kiln-gitstore sync` command; [`latest_manifest`], [`generation`] and
 //!   [`store_snapshot`] read a file store the way an operator would.
 //! - [`run`] / [`Output`]: run any command with a timeout.
+//! - [`webhook_receiver`]: a local HTTP endpoint that reports each request it gets.
 //! - [`bench`]: what the benchmarks share (release binaries, progress lines, medians).
 
 pub mod bench;
@@ -412,6 +413,44 @@ fn hermetic_env(cmd: &mut Command) {
         .env("GIT_CONFIG_NOSYSTEM", "1")
         .env("GIT_TERMINAL_PROMPT", "0")
         .env("LC_ALL", "C");
+}
+
+/// A webhook receiver on a free port answering 200, reporting each (request line, body).
+pub fn webhook_receiver() -> (u16, std::sync::mpsc::Receiver<(String, Vec<u8>)>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut s) = stream else { continue };
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") {
+                if s.read(&mut byte).unwrap_or(0) == 0 {
+                    break;
+                }
+                head.push(byte[0]);
+            }
+            let text = String::from_utf8_lossy(&head).into_owned();
+            let len = text
+                .lines()
+                .filter_map(|l| l.split_once(':'))
+                .find(|(k, _)| k.trim().eq_ignore_ascii_case("content-length"))
+                .and_then(|(_, v)| v.trim().parse().ok())
+                .unwrap_or(0);
+            let mut body = vec![0u8; len];
+            let _ = s.read_exact(&mut body);
+            let _ = write!(
+                s,
+                "HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            );
+            let line = text.lines().next().unwrap_or_default().to_owned();
+            if tx.send((line, body)).is_err() {
+                return;
+            }
+        }
+    });
+    (port, rx)
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -66,8 +66,9 @@ fn admin(stack: &Stack, method: &str, path: &str) -> Response {
 /// Adds a view share of `commit` to the project's manifest, as gitstore's share API will;
 /// returns its token.
 fn share(stack: &Stack, project: &str, commit: &str, expires_at: Option<u64>) -> String {
-    let id = format!("s{}", now_nanos() % 1_000_000_000);
-    let token = format!("{project}.{id}.secret{}", now_nanos());
+    // The shape gitstore's tokens have: a 10-character id and a 32-character secret.
+    let id = format!("{:010}", now_nanos() % 10_000_000_000);
+    let token = format!("{project}.{id}.{:032}", now_nanos());
     let hash = sha256(&token);
     publish_generation(&stack.gitstore.store_dir(), project, |m| {
         let mut share = serde_json::json!({

@@ -5,11 +5,8 @@
 //! stay unreachable through the importer (API, fetch and push); compaction on either side keeps
 //! what the other needs.
 
-use std::io::{Read, Write};
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::mpsc;
 use std::time::Duration;
 
 use kiln_tests::*;
@@ -144,43 +141,6 @@ fn log(repo: &Path, rev: &str) -> String {
 /// One pkt-line of git's wire protocol.
 fn pkt(line: &str) -> String {
     format!("{:04x}{line}", line.len() + 4)
-}
-
-fn webhook_receiver() -> (u16, mpsc::Receiver<(String, Vec<u8>)>) {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(mut s) = stream else { continue };
-            let mut head = Vec::new();
-            let mut byte = [0u8; 1];
-            while !head.ends_with(b"\r\n\r\n") {
-                if s.read(&mut byte).unwrap_or(0) == 0 {
-                    break;
-                }
-                head.push(byte[0]);
-            }
-            let text = String::from_utf8_lossy(&head).into_owned();
-            let len = text
-                .lines()
-                .filter_map(|l| l.split_once(':'))
-                .find(|(k, _)| k.trim().eq_ignore_ascii_case("content-length"))
-                .and_then(|(_, v)| v.trim().parse().ok())
-                .unwrap_or(0);
-            let mut body = vec![0u8; len];
-            let _ = s.read_exact(&mut body);
-            let _ = write!(
-                s,
-                "HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-            );
-            let line = text.lines().next().unwrap_or_default().to_owned();
-            if tx.send((line, body)).is_err() {
-                return;
-            }
-        }
-    });
-    (port, rx)
 }
 
 #[test]
