@@ -79,19 +79,6 @@ fn current_target(stack: &Stack, project: &str) -> String {
         .into_owned()
 }
 
-/// A GET whose body is kept as bytes (archives), with the response headers, lower-cased.
-fn get_bytes(stack: &Stack, path: &str) -> (u16, Vec<(String, String)>, Vec<u8>) {
-    let r = stack.agent_http("GET", path);
-    (r.status, r.headers, r.bytes)
-}
-
-fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
-    headers
-        .iter()
-        .find(|(k, _)| k == name)
-        .map(|(_, v)| v.as_str())
-}
-
 /// `git <args>` in `dir` with the harness's hermetic settings, stdout as bytes.
 fn git_bytes(dir: &Path, args: &[&str]) -> Vec<u8> {
     let out = Command::new("git")
@@ -380,17 +367,17 @@ fn exports_match_git_archive_and_round_trip_as_a_webcontainer_tree() {
     for format in ["tar.gz", "zip"] {
         let expected = git_bytes(&clone.path, &["archive", &format!("--format={format}"), &c]);
         for query in [String::new(), format!("&commit={}", &c[..12])] {
-            let (status, headers, body) = get_bytes(
-                &stack,
+            let r = stack.agent_http(
+                "GET",
                 &format!("/api/projects/export/export?format={format}{query}"),
             );
-            assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+            assert_eq!(r.status, 200, "{}", r.body);
             assert!(
-                body == expected,
+                r.bytes == expected,
                 "{format}{query}: not byte-identical to git archive"
             );
-            assert_eq!(header(&headers, "x-kiln-commit"), Some(c.as_str()));
-            let disposition = header(&headers, "content-disposition").unwrap();
+            assert_eq!(r.header("x-kiln-commit"), Some(c.as_str()));
+            let disposition = r.header("content-disposition").unwrap();
             assert_eq!(
                 disposition,
                 format!("attachment; filename=\"export-{}.{format}\"", &c[..12])

@@ -109,7 +109,7 @@ fn clone_files(repo: &Repo) -> Vec<(String, String, String)> {
 }
 
 /// A GET that keeps the body as bytes (the harness's [`http`] decodes it as text).
-fn get_bytes(node: &Gitstore, path: &str, token: &str) -> (u16, Vec<(String, String)>, Vec<u8>) {
+fn get_bytes(node: &Gitstore, path: &str, token: &str) -> Response {
     let auth = format!("Bearer {token}");
     let r = http(
         "GET",
@@ -121,14 +121,7 @@ fn get_bytes(node: &Gitstore, path: &str, token: &str) -> (u16, Vec<(String, Str
         !r.headers.iter().any(|(k, _)| k == "transfer-encoding"),
         "expected a sized body"
     );
-    (r.status, r.headers, r.bytes)
-}
-
-fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
-    headers
-        .iter()
-        .find(|(k, _)| k == name)
-        .map(|(_, v)| v.as_str())
+    r
 }
 
 /// Bytes 0..=255 twice, with the NULs that make git call a file binary.
@@ -734,45 +727,41 @@ fn files_returns_the_bytes_exactly() {
         )
     };
 
-    let (status, headers, body) = get("data/blob.bin");
-    assert_eq!(status, 200);
-    assert_eq!(body, bin, "binary bytes differ");
-    assert_eq!(
-        header(&headers, "content-type"),
-        Some("application/octet-stream")
-    );
-    assert_eq!(header(&headers, "x-kiln-commit"), Some(commit));
-    assert_eq!(header(&headers, "x-kiln-mode"), Some("file"));
+    let r = get("data/blob.bin");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.bytes, bin, "binary bytes differ");
+    assert_eq!(r.header("content-type"), Some("application/octet-stream"));
+    assert_eq!(r.header("x-kiln-commit"), Some(commit));
+    assert_eq!(r.header("x-kiln-mode"), Some("file"));
 
-    let (status, headers, body) = get("index.html");
-    assert_eq!(status, 200);
-    assert_eq!(body, b"<script>alert(1)</script>\n");
-    assert_eq!(
-        header(&headers, "content-type"),
-        Some("text/html; charset=utf-8")
-    );
+    let r = get("index.html");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.bytes, b"<script>alert(1)</script>\n");
+    assert_eq!(r.header("content-type"), Some("text/html; charset=utf-8"));
     assert!(
-        header(&headers, "content-security-policy").is_some_and(|v| v.contains("sandbox")),
-        "project HTML must not run on the gitstore origin: {headers:?}"
+        r.header("content-security-policy")
+            .is_some_and(|v| v.contains("sandbox")),
+        "project HTML must not run on the gitstore origin: {:?}",
+        r.headers
     );
-    assert_eq!(header(&headers, "x-content-type-options"), Some("nosniff"));
+    assert_eq!(r.header("x-content-type-options"), Some("nosniff"));
 
-    let (status, _, body) = get("unicode%20%C3%A9.txt");
-    assert_eq!(status, 200);
-    assert_eq!(body, "naïve ☃\n".as_bytes());
+    let r = get("unicode%20%C3%A9.txt");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.bytes, "naïve ☃\n".as_bytes());
 
-    let (status, headers, body) = get("link");
-    assert_eq!(status, 200);
-    assert_eq!(body, b"index.html");
-    assert_eq!(header(&headers, "x-kiln-mode"), Some("symlink"));
+    let r = get("link");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.bytes, b"index.html");
+    assert_eq!(r.header("x-kiln-mode"), Some("symlink"));
 
     // An older version by commit.
     let second = c.committed(Some(commit), json!({"index.html": "<p>v2</p>\n"}));
-    let (_, headers, body) = get("index.html");
-    assert_eq!(body, b"<p>v2</p>\n");
-    assert_eq!(header(&headers, "x-kiln-commit"), second["commit"].as_str());
-    let (_, _, body) = get(&format!("index.html?commit={commit}"));
-    assert_eq!(body, b"<script>alert(1)</script>\n");
+    let r = get("index.html");
+    assert_eq!(r.bytes, b"<p>v2</p>\n");
+    assert_eq!(r.header("x-kiln-commit"), second["commit"].as_str());
+    let r = get(&format!("index.html?commit={commit}"));
+    assert_eq!(r.bytes, b"<script>alert(1)</script>\n");
 
     for (path, status, hint) in [
         ("missing.txt", 404, "does not exist"),
@@ -995,7 +984,7 @@ fn accepts_a_body_larger_than_the_default_extractor_limit() {
         None,
         json!({"big.bin": {"base64": base64::engine::general_purpose::STANDARD.encode(&big)}}),
     );
-    let (status, _, body) = get_bytes(
+    let r = get_bytes(
         &c.node,
         &format!(
             "/api/projects/{PROJECT}/files/big.bin?commit={}",
@@ -1003,6 +992,6 @@ fn accepts_a_body_larger_than_the_default_extractor_limit() {
         ),
         &c.token,
     );
-    assert_eq!(status, 200);
-    assert!(body == big, "3 MiB file differs after the round trip");
+    assert_eq!(r.status, 200);
+    assert!(r.bytes == big, "3 MiB file differs after the round trip");
 }
