@@ -76,12 +76,6 @@ pub enum AuthError {
     NoSuchClient(String),
     #[error("project {0} belongs to another client")]
     NotOwner(ProjectId),
-    #[error("stored record {key} is unreadable: {source}")]
-    Corrupt {
-        key: String,
-        #[source]
-        source: serde_json::Error,
-    },
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -130,16 +124,7 @@ pub async fn create_client(store: &BlobStore, name: &str) -> Result<(Client, Str
 }
 
 pub async fn load_client(store: &BlobStore, id: &str) -> Result<Option<Client>, AuthError> {
-    let key = keys::client(id);
-    let Some(bytes) = store.get(&key).await? else {
-        return Ok(None);
-    };
-    serde_json::from_slice(&bytes)
-        .map(Some)
-        .map_err(|source| AuthError::Corrupt {
-            key: key.to_string(),
-            source,
-        })
+    Ok(store.get_json(&keys::client(id)).await?)
 }
 
 pub async fn list_clients(store: &BlobStore) -> Result<Vec<Client>, AuthError> {
@@ -195,16 +180,7 @@ pub async fn authenticate(store: &BlobStore, token: &str) -> Result<Client, Auth
 }
 
 pub async fn owner(store: &BlobStore, project: &ProjectId) -> Result<Option<Owner>, AuthError> {
-    let key = keys::owner(project);
-    let Some(bytes) = store.get(&key).await? else {
-        return Ok(None);
-    };
-    serde_json::from_slice(&bytes)
-        .map(Some)
-        .map_err(|source| AuthError::Corrupt {
-            key: key.to_string(),
-            source,
-        })
+    Ok(store.get_json(&keys::owner(project)).await?)
 }
 
 /// Makes `client` the owner of `project` unless another client already is. Returns whether the

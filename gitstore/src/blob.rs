@@ -36,6 +36,12 @@ pub enum StoreError {
         #[source]
         source: object_store::Error,
     },
+    #[error("stored record {key} is unreadable: {source}")]
+    Corrupt {
+        key: String,
+        #[source]
+        source: serde_json::Error,
+    },
 }
 
 /// One object found by [`BlobStore::list`].
@@ -108,6 +114,22 @@ impl BlobStore {
             Err(object_store::Error::NotFound { .. }) => Ok(None),
             Err(e) => Err(backend("get", key, e)),
         }
+    }
+
+    /// The JSON record at `key`, or None when nothing is there.
+    pub(crate) async fn get_json<T: serde::de::DeserializeOwned>(
+        &self,
+        key: &Path,
+    ) -> Result<Option<T>, StoreError> {
+        let Some(bytes) = self.get(key).await? else {
+            return Ok(None);
+        };
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|source| StoreError::Corrupt {
+                key: key.to_string(),
+                source,
+            })
     }
 
     /// Streams an object into `sink`, calling `progress` with each chunk's size.

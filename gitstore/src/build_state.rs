@@ -27,31 +27,11 @@ pub struct BuildState {
     pub updated_at: u64,
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum BuildStateError {
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    #[error("build state of project {project} is unreadable: {source}")]
-    Corrupt {
-        project: ProjectId,
-        #[source]
-        source: serde_json::Error,
-    },
-}
-
 pub async fn read(
     store: &BlobStore,
     project: &ProjectId,
-) -> Result<Option<BuildState>, BuildStateError> {
-    let Some(bytes) = store.get(&keys::build_state(project)).await? else {
-        return Ok(None);
-    };
-    serde_json::from_slice(&bytes)
-        .map(Some)
-        .map_err(|source| BuildStateError::Corrupt {
-            project: project.clone(),
-            source,
-        })
+) -> Result<Option<BuildState>, StoreError> {
+    store.get_json(&keys::build_state(project)).await
 }
 
 /// Last writer wins: one agent owns a project's builds at a time.
@@ -59,7 +39,7 @@ pub async fn write(
     store: &BlobStore,
     project: &ProjectId,
     state: &BuildState,
-) -> Result<(), BuildStateError> {
+) -> Result<(), StoreError> {
     let body = Bytes::from(serde_json::to_vec(state).expect("serializes"));
-    Ok(store.put(&keys::build_state(project), body).await?)
+    store.put(&keys::build_state(project), body).await
 }

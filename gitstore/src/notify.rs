@@ -28,12 +28,6 @@ pub const MAX_URL_BYTES: usize = 2048;
 pub enum NotifyError {
     #[error("bad notification url: {0}")]
     BadUrl(String),
-    #[error("stored record {key} is unreadable: {source}")]
-    Corrupt {
-        key: String,
-        #[source]
-        source: serde_json::Error,
-    },
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -84,16 +78,7 @@ pub async fn register(
 }
 
 pub async fn load(store: &BlobStore, client: &str) -> Result<Option<Registration>, NotifyError> {
-    let key = keys::notify(client);
-    let Some(bytes) = store.get(&key).await? else {
-        return Ok(None);
-    };
-    serde_json::from_slice(&bytes)
-        .map(Some)
-        .map_err(|source| NotifyError::Corrupt {
-            key: key.to_string(),
-            source,
-        })
+    Ok(store.get_json(&keys::notify(client)).await?)
 }
 
 /// Removes `client`'s endpoint; true if there was one.

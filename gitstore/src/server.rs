@@ -278,7 +278,7 @@ impl From<AuthError> for ApiError {
             AuthError::BadName => Self::new(StatusCode::BAD_REQUEST, "bad_request", e.to_string()),
             AuthError::NoSuchClient(_) => Self::new(StatusCode::NOT_FOUND, "not_found", e.to_string()),
             AuthError::NotOwner(_) => Self::new(StatusCode::FORBIDDEN, "forbidden", e.to_string()),
-            AuthError::Corrupt { .. } | AuthError::Store(_) => Self::internal(e),
+            AuthError::Store(_) => Self::internal(e),
         }
     }
 }
@@ -1891,7 +1891,7 @@ impl From<crate::notify::NotifyError> for ApiError {
             NotifyError::BadUrl(_) => {
                 Self::new(StatusCode::BAD_REQUEST, "bad_request", e.to_string())
             }
-            NotifyError::Corrupt { .. } | NotifyError::Store(_) => Self::internal(e),
+            NotifyError::Store(_) => Self::internal(e),
         }
     }
 }
