@@ -78,11 +78,10 @@ pub struct RefUpdate {
 /// An accepted push, as the hook reports it to the server.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct PushResult {
-    pub generation: u64,
+    /// The generation this push published, so the server needs no store read to follow it.
+    pub manifest: Manifest,
     pub updates: Vec<RefUpdate>,
     pub pack_bytes: u64,
-    /// Packs the project's manifest lists after this push.
-    pub packs: usize,
     /// The generation this push's manifest was built on, when it is exactly the local repository
     /// plus this push (no concurrent push was folded in, HEAD unchanged): the server may then
     /// record the repository as synced to `generation` without reading the store again.
@@ -173,7 +172,10 @@ pub fn pre_receive_main() -> i32 {
                 // The push is durable already; only the webhook is at stake.
                 eprintln!("kiln: warning: stored, but could not report to the server: {e}");
             }
-            eprintln!("kiln: stored durably as generation {}", result.generation);
+            eprintln!(
+                "kiln: stored durably as generation {}",
+                result.manifest.generation
+            );
             0
         }
         Err(e) => {
@@ -290,12 +292,11 @@ async fn accept(ctx: &HookContext, updates: Vec<RefUpdate>) -> Result<PushResult
         match manifest::publish(&store, project, &next).await? {
             Publish::Won => {
                 return Ok(PushResult {
-                    generation: next.generation,
                     updates,
                     pack_bytes: pack.as_ref().map_or(0, |(e, _, _)| e.pack_size),
-                    packs: next.packs.len(),
                     built_on: (base.generation == first_base && !head_set)
                         .then_some(base.generation),
+                    manifest: next,
                 })
             }
             Publish::Lost => {

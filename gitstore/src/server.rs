@@ -911,23 +911,23 @@ impl App {
                     // The repository already holds exactly this generation: skip the next sync's
                     // manifest read and ref update.
                     if let Err(e) =
-                        sync::mark_synced(&self.repo_dir(project), from, result.generation)
+                        sync::mark_synced(&self.repo_dir(project), from, result.manifest.generation)
                     {
                         log::warn!(project:% = project; "cannot record the sync state: {e}");
                     }
                 }
-                if result.packs >= self.0.cfg.compact.min_packs {
+                if result.manifest.packs.len() >= self.0.cfg.compact.min_packs {
                     self.spawn_compaction(project);
                 }
                 m.inc(&m.pushes_accepted);
                 m.add(&m.push_pack_bytes, result.pack_bytes);
-                self.published(project).await;
                 for u in &result.updates {
-                    log::info!(project:% = project, generation = result.generation, r#ref = u.name.as_str(), new = u.new.as_str(); "push stored");
+                    log::info!(project:% = project, generation = result.manifest.generation, r#ref = u.name.as_str(), new = u.new.as_str(); "push stored");
                     self.0
                         .notifier
                         .notify(project.as_str(), &u.name, &u.old, &u.new);
                 }
+                self.pushed(project, &result.manifest).await;
             }
             None => {
                 m.inc(&m.pushes_refused);
@@ -1260,6 +1260,21 @@ impl App {
     }
 
     /// [`Self::published`] when the new manifest is at hand.
+    /// [`Self::record`] after a push: the owner comes from the project's row, so the push
+    /// answers without reading the store again (a project without a row is read whole).
+    async fn pushed(&self, project: &ProjectId, m: &manifest::Manifest) {
+        match self.0.catalog.get(project).await {
+            Ok(Some(e)) => {
+                let owner = Owner {
+                    client: e.owner,
+                    created_at: e.created_at,
+                };
+                self.record(project, &owner, m).await
+            }
+            _ => self.published(project).await,
+        }
+    }
+
     async fn record(&self, project: &ProjectId, owner: &Owner, m: &manifest::Manifest) {
         if let Err(e) = self.0.catalog.put(Entry::new(project, owner, m)).await {
             log::warn!(project:% = project; "project catalog not updated: {e}");
@@ -2057,7 +2072,7 @@ async fn create_commit(
 
     let accepted = commits::ref_status(&received.stdout, &built.refname);
     let generation = match (&received.result, &accepted) {
-        (Some(r), _) => Some(r.generation),
+        (Some(r), _) => Some(r.manifest.generation),
         // The hook stored it but could not report back: the store is the truth.
         (None, Some(Ok(()))) => Some(
             manifest::latest(&app.0.store, &project)
