@@ -82,6 +82,7 @@ pub struct Agent {
     pub(crate) quotas: crate::quota::Quotas,
     pub(crate) gc: crate::retention::Gc,
     pub(crate) shares: crate::share::Shares,
+    pub(crate) views: crate::views::Views,
     /// Projects whose latest manifest says they are deleted: nothing of them is built or served
     /// until a sync finds them restored.
     gone: Mutex<HashSet<String>>,
@@ -162,6 +163,7 @@ impl Agent {
             quotas,
             gc: crate::retention::Gc::default(),
             shares: crate::share::Shares::default(),
+            views: crate::views::Views::default(),
             gone: Mutex::default(),
             hostname,
         });
@@ -707,6 +709,7 @@ impl Agent {
         self.slots.lock().expect("slots lock").remove(name);
         self.quotas.clear_refused(name);
         self.shares.forget(name);
+        self.forget_views(name);
         self.gc.note_freed();
         if purged {
             // Its id may be claimed again, by anyone.
@@ -814,6 +817,7 @@ impl Agent {
             current_commit: served.map(|(_, c)| c),
             last_state: st.state.as_str().to_owned(),
             last_built_at: st.finished_at_ms.map(|ms| ms / 1000),
+            last_viewed_at: st.last_viewed_at_ms.map(|ms| ms / 1000),
             preview_url: self.cfg.preview_url_for(project),
             disk_bytes: usage.total(),
             updated_at: crate::status::now_ms() / 1000,

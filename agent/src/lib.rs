@@ -9,7 +9,8 @@
 //! resumable ring), `notify` (signed, retried notifications to the URL a client registered),
 //! `retention` (which builds stay, LRU eviction of idle projects' worktrees and node_modules,
 //! the pnpm store prune, the report), `quota` (builds per hour and concurrent builds per
-//! client), `share` (view share links to a pinned build), `config`, `metrics`.
+//! client), `share` (view share links to a pinned build), `views` (when each preview was last viewed,
+//! reported by nginx), `config`, `metrics`.
 
 mod agent;
 pub mod checkout;
@@ -29,5 +30,6 @@ pub mod server;
 pub mod share;
 pub mod status;
 pub mod versions;
+mod views;
 
 pub use agent::{Agent, Request, Requested, RollbackError, RollbackTarget, RolledBack};

@@ -231,6 +231,11 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(a.listen)
         .await
         .with_context(|| format!("binding {}", a.listen))?;
+    // nginx reports preview views to the UDP port of the same number (agent/src/views.rs).
+    let views = tokio::net::UdpSocket::bind(a.listen)
+        .await
+        .with_context(|| format!("binding {} (UDP, for nginx's view reports)", a.listen))?;
+    agent.start_views(views);
     // Stop budget, inside the unit's TimeoutStopSec= (90 s): HTTP drain, then running builds,
     // then up to 10 s for cancelled sandboxes to be cleaned up.
     const HTTP_DRAIN: Duration = Duration::from_secs(10);

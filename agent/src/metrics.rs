@@ -33,6 +33,7 @@ pub(crate) struct Counters {
     pub(crate) builds_retired: AtomicU64,
     pub(crate) evictions: AtomicU64,
     pub(crate) store_prunes: AtomicU64,
+    pub(crate) views: AtomicU64,
 }
 
 impl std::ops::Deref for Metrics {
@@ -165,6 +166,12 @@ impl Metrics {
             "counter",
             "Successful prunes of the shared pnpm store.",
             vec![(String::new(), g(&self.store_prunes))],
+        );
+        family(
+            "kiln_agent_preview_views_total",
+            "counter",
+            "Preview page views nginx reported for projects this agent builds.",
+            vec![(String::new(), g(&self.views))],
         );
         out
     }

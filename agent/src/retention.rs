@@ -7,7 +7,7 @@
 //!   retire one of its builds.
 //! - Eviction: when the filesystem holding the state or the volume dir is fuller than
 //!   `--disk-high-water` percent, idle projects' worktrees and node_modules go, least recently
-//!   built first, until the estimate is under `--disk-low-water`. Their published builds stay
+//!   built or viewed first, until the estimate is under `--disk-low-water`. Their published builds stay
 //!   served; the next build checks out and installs again from scratch.
 //! - The pnpm store is pruned after evictions (at most once an hour): `pnpm store prune`
 //!   removes the files no node_modules on this disk links any more.
@@ -573,6 +573,7 @@ pub struct ProjectReport {
     /// Evicted (or, in a dry run, would be) by this pass.
     pub evict: bool,
     pub last_built_at_ms: Option<u64>,
+    pub last_viewed_at_ms: Option<u64>,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -599,7 +600,7 @@ pub struct Report {
     pub keep_builds: usize,
     pub keep_builds_secs: u64,
     pub totals: Totals,
-    /// Projects with something to free, evictions first, then the least recently built.
+    /// Projects with something to free, evictions first, then the least recently used.
     pub projects: Vec<ProjectReport>,
     pub prune: Prune,
 }
@@ -611,6 +612,17 @@ struct Candidate {
     idle: bool,
     usage: Usage,
     last_built_at_ms: Option<u64>,
+    last_viewed_at_ms: Option<u64>,
+}
+
+impl Candidate {
+    /// Built or viewed, whichever is later: a project someone is looking at is likely to be
+    /// pushed again soon.
+    fn last_used_at_ms(&self) -> u64 {
+        self.last_built_at_ms
+            .max(self.last_viewed_at_ms)
+            .unwrap_or(0)
+    }
 }
 
 impl Agent {
@@ -705,8 +717,8 @@ impl Agent {
         report
     }
 
-    /// Every local project with what it holds, least recently built first (never built ones
-    /// before any built one); with `retention`, the builds it could retire unless shared.
+    /// Every local project with what it holds, least recently built or viewed first (never used
+    /// ones before any other); with `retention`, the builds it could retire unless shared.
     fn candidates(&self, retention: bool) -> Vec<Candidate> {
         let active: HashSet<String> = self.active_projects().into_iter().collect();
         let none = HashSet::new();
@@ -725,8 +737,9 @@ impl Agent {
                 // Built before sizes were recorded: measured once, here.
                 let usage =
                     Usage::load(&self.project_dir(p)).unwrap_or_else(|| measure(self, p, true));
-                let last_built_at_ms = self
-                    .status(p)
+                let status = self.status(p);
+                let last_built_at_ms = status
+                    .as_ref()
                     .and_then(|s| s.finished_at_ms.or(s.started_at_ms));
                 Candidate {
                     id,
@@ -734,10 +747,11 @@ impl Agent {
                     idle,
                     usage,
                     last_built_at_ms,
+                    last_viewed_at_ms: status.and_then(|s| s.last_viewed_at_ms),
                 }
             })
             .collect();
-        out.sort_by_key(|c| (c.last_built_at_ms.unwrap_or(0), c.id.as_str().to_owned()));
+        out.sort_by_key(|c| (c.last_used_at_ms(), c.id.as_str().to_owned()));
         out
     }
 
@@ -780,6 +794,7 @@ impl Agent {
                 node_modules_bytes: c.usage.node_modules_bytes,
                 evict: evicted,
                 last_built_at_ms: c.last_built_at_ms,
+                last_viewed_at_ms: c.last_viewed_at_ms,
             };
             let t = &mut report.totals;
             if c.idle {
@@ -801,14 +816,14 @@ impl Agent {
             (
                 !e.evict,
                 e.retire.is_empty(),
-                e.last_built_at_ms.unwrap_or(0),
+                e.last_built_at_ms.max(e.last_viewed_at_ms).unwrap_or(0),
             )
         });
         report.projects.truncate(opts.limit);
         report
     }
 
-    /// Idle projects to evict, least recently built first, until the disk estimate is under the
+    /// Idle projects to evict, least recently built or viewed first, until the disk estimate is under the
     /// low-water mark (or all of them, with `all`).
     fn eviction_plan(
         &self,

@@ -157,6 +157,9 @@ pub struct Status {
     pub rollback_from: Option<u64>,
     #[serde(default)]
     pub history: Vec<BuildSummary>,
+    /// When a preview page of the project was last served (Unix ms), as nginx reported it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_viewed_at_ms: Option<u64>,
 }
 
 const HISTORY: usize = 50;
@@ -183,6 +186,7 @@ impl Status {
             pinned_url: None,
             rollback_from: None,
             history: Vec::new(),
+            last_viewed_at_ms: None,
         }
     }
 

@@ -20,6 +20,9 @@ pub struct BuildState {
     pub last_state: String,
     /// Unix seconds at which the newest build finished, if it has.
     pub last_built_at: Option<u64>,
+    /// Unix seconds at which a preview page of the project was last served, to the minute.
+    #[serde(default)]
+    pub last_viewed_at: Option<u64>,
     pub preview_url: String,
     /// Bytes the project takes on the agent's disk (worktree, node_modules, kept builds).
     pub disk_bytes: u64,

@@ -1161,7 +1161,8 @@ impl Stack {
     }
 
     /// Waits until the agent's status for `project` is at `commit` and no longer building;
-    /// returns the status.
+    /// returns the status. A build refused by the concurrent-builds quota is not settled: the
+    /// agent admits it when the client's running build ends.
     pub fn wait_settled(
         &self,
         project: &str,
@@ -1177,7 +1178,10 @@ impl Stack {
                 let active = matches!(
                     last["state"].as_str(),
                     Some("queued" | "syncing" | "installing" | "building" | "publishing")
-                );
+                ) || (last["state"] == "refused"
+                    && last["error"]
+                        .as_str()
+                        .is_some_and(|e| e.contains("concurrent_builds")));
                 if last["commit"].as_str() == Some(commit) && !active {
                     return last;
                 }

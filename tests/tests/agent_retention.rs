@@ -649,3 +649,96 @@ fn a_deleted_project_is_unpublished_then_rebuilt_when_restored_and_forgotten_whe
     assert!(!published.exists() && !state.exists());
     assert_eq!(stack.sync("doomed").status, 404);
 }
+
+/// Projects in a dry-run report that would evict every idle one, in the order a pass evicts
+/// them.
+fn eviction_order(stack: &Stack, projects: &[&str]) -> Vec<String> {
+    for p in projects {
+        idle_entry(stack, "/api/retention?evict=all", p);
+    }
+    let report = admin(stack, "GET", "/api/retention?evict=all").json();
+    report["projects"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["project"].as_str().map(str::to_owned))
+        .filter(|p| projects.contains(&p.as_str()))
+        .collect()
+}
+
+#[test]
+fn page_views_nginx_reports_show_in_the_project_api_and_move_a_project_last_in_line_for_eviction() {
+    let stack = Stack::start_with(&["--admin-token-sha256", &sha256(ADMIN)]);
+    let port = free_port();
+    let nginx = nginx_for(&stack, port, &format!("http://127.0.0.1:{port}/preview"));
+    let tmp = tempfile::tempdir().unwrap();
+    let a = static_site(&tmp.path().join("a"), "a");
+    push_and_settle(&stack, &a, "looked-at", COLD);
+    let b = static_site(&tmp.path().join("b"), "b");
+    b.commit_file("style.css", "p { color: teal }\n");
+    push_and_settle(&stack, &b, "unseen", COLD);
+    assert_eq!(
+        eviction_order(&stack, &["looked-at", "unseen"]),
+        ["looked-at", "unseen"],
+        "never viewed: least recently built goes first"
+    );
+    let project = |p: &str| {
+        let r = stack.gitstore.http(
+            "GET",
+            &format!("/api/projects/{p}"),
+            Some(&stack.token),
+            None,
+        );
+        assert_eq!(r.status, 200, "{}", r.body);
+        r.json()
+    };
+    assert_eq!(
+        project("looked-at")["build"]["last_viewed_at"],
+        serde_json::Value::Null
+    );
+
+    let before = now_secs();
+    // An asset is not a page view; sent first, so it would be recorded before the page.
+    let css = nginx.get("/preview/unseen/style.css", &[]);
+    assert_eq!(css.status, 200, "{}", css.body);
+    let page = nginx.get("/preview/looked-at/", &[]);
+    assert_eq!(page.status, 200, "{}", page.body);
+    let started = Instant::now();
+    let viewed_at = loop {
+        if let Some(t) = project("looked-at")["build"]["last_viewed_at"].as_u64() {
+            break t;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the view never reached the project API: {:#}\n{}",
+            project("looked-at"),
+            stack.agent_log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        (before..=now_secs()).contains(&viewed_at),
+        "{viewed_at} not in {before}.."
+    );
+    let st = stack.status("looked-at");
+    assert_eq!(
+        st["last_viewed_at_ms"].as_u64().map(|ms| ms / 1000),
+        Some(viewed_at),
+        "{st:#}"
+    );
+    assert_eq!(
+        project("unseen")["build"]["last_viewed_at"],
+        serde_json::Value::Null
+    );
+    let metrics = stack.agent_http("GET", "/metrics").body;
+    assert!(
+        metrics.contains("kiln_agent_preview_views_total 1\n"),
+        "{metrics}"
+    );
+
+    assert_eq!(
+        eviction_order(&stack, &["looked-at", "unseen"]),
+        ["unseen", "looked-at"],
+        "the project just viewed is evicted last"
+    );
+}
