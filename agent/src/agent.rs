@@ -142,8 +142,11 @@ impl Agent {
     /// Call within a tokio runtime: the notification task starts here.
     pub fn new(cfg: Config, store: BlobStore, exe: PathBuf) -> Arc<Self> {
         let permits = Arc::new(Semaphore::new(cfg.concurrency));
-        let quotas =
-            crate::quota::Quotas::new(cfg.quota_builds_per_hour, cfg.quota_concurrent_builds);
+        let quotas = crate::quota::Quotas::new(
+            cfg.quota_builds_per_hour,
+            cfg.quota_concurrent_builds,
+            Some(cfg.state_dir.join("quota-starts.json")),
+        );
         let hostname = nix::unistd::gethostname()
             .map(|h| h.to_string_lossy().into_owned())
             .unwrap_or_default();
@@ -604,7 +607,12 @@ impl Agent {
                         .is_none()
                 }
             };
-            let busy = status.is_some_and(|s| s.state.is_active());
+            let busy = status.as_ref().is_some_and(|s| s.state.is_active());
+            // Refused by a quota before the restart: it still counts against the quota.
+            let refused = status
+                .as_ref()
+                .filter(|s| s.state == State::Refused)
+                .map(|s| s.commit.clone());
             if (behind || lost) && !busy {
                 match gitstore::manifest::read(&self.store, id, newest).await {
                     Ok(m) if m.deleted_at.is_some() => {
@@ -618,8 +626,22 @@ impl Agent {
                     }
                 }
                 log::info!(project = p, behind, lost; "reconciling with the blob store");
-                self.request(id, None, Request::default());
-                queued += 1;
+                match refused {
+                    Some(commit) => {
+                        let hint = commit.as_deref();
+                        match self
+                            .request_within_quota(id, hint, Request::default())
+                            .await
+                        {
+                            Requested::Refused(why) => self.record_refusal(p, hint, &why),
+                            _ => queued += 1,
+                        }
+                    }
+                    None => {
+                        self.request(id, None, Request::default());
+                        queued += 1;
+                    }
+                }
             }
         }
         // Purged while this machine was away: nothing of them is left in the store.

@@ -7,8 +7,12 @@
 //! would start a new build: a request that joins a queued build, or finds its commit already
 //! built, costs nothing. Builds the agent starts by itself (recovery after a restart,
 //! reconciliation with the store) are not refused: they replace builds that were admitted.
+//!
+//! The starts of the last hour are kept in `<state>/quota-starts.json`, so a restart does not
+//! hand every client a fresh hour.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -56,8 +60,10 @@ pub(crate) struct Quotas {
     defaults: gitstore::auth::Quotas,
     /// Client id → when its record was read and its limits.
     clients: Mutex<HashMap<String, (Instant, gitstore::auth::Quotas)>>,
-    /// Client id → when its builds of the last hour were admitted, oldest first.
-    starts: Mutex<HashMap<String, VecDeque<Instant>>>,
+    /// Client id → when its builds of the last hour were admitted (Unix ms), oldest first.
+    starts: Mutex<HashMap<String, VecDeque<u64>>>,
+    /// Where `starts` is kept across restarts; None in unit tests.
+    starts_file: Option<PathBuf>,
     /// One admission at a time, so two requests cannot both take the last unit of a quota.
     admission: tokio::sync::Mutex<()>,
     /// Projects whose sync was refused, with the commit it announced, built once their
@@ -66,7 +72,17 @@ pub(crate) struct Quotas {
 }
 
 impl Quotas {
-    pub(crate) fn new(builds_per_hour: u64, concurrent_builds: u64) -> Self {
+    pub(crate) fn new(
+        builds_per_hour: u64,
+        concurrent_builds: u64,
+        starts_file: Option<PathBuf>,
+    ) -> Self {
+        // Unreadable (first start, or torn by a crash before the rename): an empty hour.
+        let starts = starts_file
+            .as_deref()
+            .and_then(|f| std::fs::read(f).ok())
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
         Self {
             defaults: gitstore::auth::Quotas {
                 builds_per_hour: Some(builds_per_hour),
@@ -74,7 +90,8 @@ impl Quotas {
                 ..Default::default()
             },
             clients: Mutex::default(),
-            starts: Mutex::default(),
+            starts: Mutex::new(starts),
+            starts_file,
             admission: tokio::sync::Mutex::new(()),
             refused: Mutex::default(),
         }
@@ -111,23 +128,40 @@ impl Quotas {
     }
 
     /// Builds the client started within the last hour, and when the oldest of them leaves it.
-    fn hourly(&self, client: &str, now: Instant) -> (u64, Duration) {
+    fn hourly(&self, client: &str, now_ms: u64) -> (u64, Duration) {
+        let hour = HOUR.as_millis() as u64;
         let mut starts = self.starts.lock().expect("quota starts");
         let Some(q) = starts.get_mut(client) else {
             return (0, Duration::ZERO);
         };
-        while q.front().is_some_and(|t| now.duration_since(*t) >= HOUR) {
+        while q.front().is_some_and(|t| now_ms.saturating_sub(*t) >= hour) {
             q.pop_front();
         }
-        let wait = q
-            .front()
-            .map_or(Duration::ZERO, |t| HOUR - now.duration_since(*t));
-        (q.len() as u64, wait)
+        let wait = q.front().map_or(0, |t| hour - now_ms.saturating_sub(*t));
+        (q.len() as u64, Duration::from_millis(wait))
     }
 
-    fn record_start(&self, client: &str, now: Instant) {
-        let mut starts = self.starts.lock().expect("quota starts");
-        starts.entry(client.to_owned()).or_default().push_back(now);
+    fn record_start(&self, client: &str, now_ms: u64) {
+        let hour = HOUR.as_millis() as u64;
+        let body = {
+            let mut starts = self.starts.lock().expect("quota starts");
+            starts
+                .entry(client.to_owned())
+                .or_default()
+                .push_back(now_ms);
+            starts.retain(|_, q| {
+                q.retain(|t| now_ms.saturating_sub(*t) < hour);
+                !q.is_empty()
+            });
+            self.starts_file
+                .as_ref()
+                .map(|_| serde_json::to_vec(&*starts).expect("serializes"))
+        };
+        if let (Some(file), Some(body)) = (&self.starts_file, body) {
+            if let Err(e) = crate::fsutil::write_atomic(file, &body) {
+                log::warn!(file:% = file.display(), error:% = e; "cannot save the hourly build counts");
+            }
+        }
     }
 
     pub(crate) fn note_refused(&self, project: &str, commit: Option<&str>) {
@@ -252,7 +286,7 @@ impl Agent {
                 }
             }
         }
-        let now = Instant::now();
+        let now = crate::status::now_ms();
         let (hourly_used, hourly_wait) = self.quotas.hourly(&client, now);
         let admission = Admission {
             per_hour: limits.builds_per_hour,
@@ -319,14 +353,30 @@ mod tests {
 
     #[test]
     fn the_hourly_window_forgets_old_starts() {
-        let q = Quotas::new(5, 1);
-        let now = Instant::now();
+        let q = Quotas::new(5, 1, None);
+        let now = 10 * HOUR.as_millis() as u64;
         q.record_start("c", now);
         q.record_start("c", now);
         assert_eq!(q.hourly("c", now).0, 2);
-        let (used, wait) = q.hourly("c", now + HOUR - Duration::from_secs(10));
+        let (used, wait) = q.hourly("c", now + HOUR.as_millis() as u64 - 10_000);
         assert_eq!((used, wait), (2, Duration::from_secs(10)));
-        assert_eq!(q.hourly("c", now + HOUR).0, 0);
+        assert_eq!(q.hourly("c", now + HOUR.as_millis() as u64).0, 0);
         assert_eq!(q.hourly("other", now).0, 0);
+    }
+
+    #[test]
+    fn the_hours_starts_survive_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("quota-starts.json");
+        let now = crate::status::now_ms();
+        let q = Quotas::new(5, 1, Some(file.clone()));
+        q.record_start("c", now - HOUR.as_millis() as u64);
+        q.record_start("c", now - 1000);
+        q.record_start("d", now);
+        let again = Quotas::new(5, 1, Some(file.clone()));
+        assert_eq!(again.hourly("c", now).0, 1, "the start an hour ago is gone");
+        assert_eq!(again.hourly("d", now).0, 1);
+        std::fs::write(&file, b"{torn").unwrap();
+        assert_eq!(Quotas::new(5, 1, Some(file)).hourly("c", now).0, 0);
     }
 }

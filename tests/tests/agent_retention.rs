@@ -501,7 +501,7 @@ fn the_disk_check_after_a_build_evicts_idle_projects_past_the_high_water_mark() 
 
 #[test]
 fn refuses_builds_past_the_clients_hourly_quota_and_says_which() {
-    let stack = Stack::start_with(&["--quota-builds-per-hour", "2"]);
+    let mut stack = Stack::start_with(&["--quota-builds-per-hour", "2"]);
     let tmp = tempfile::tempdir().unwrap();
     let site = static_site(&tmp.path().join("site"), "hourly");
     let b1 = push_and_settle(&stack, &site, "hourly", COLD);
@@ -549,6 +549,37 @@ fn refuses_builds_past_the_clients_hourly_quota_and_says_which() {
     let r = stack.sync("hourly");
     assert_eq!(r.status, 429, "{}", r.body);
     assert_eq!(r.json()["quota"], "builds_per_hour");
+
+    // A restart neither resets the hour nor lets the refused push through: the agent catches
+    // up with the store when it starts, and the refused project still goes through the quota.
+    stack.restart_agent();
+    let started = Instant::now();
+    // The log is appended to across restarts: the second start's line.
+    while stack
+        .agent_log()
+        .matches("reconciled with the blob store")
+        .count()
+        < 2
+    {
+        assert!(
+            started.elapsed() < WARM,
+            "never reconciled:\n{}",
+            stack.agent_log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let r = stack.agent_http("POST", "/build/hourly");
+    assert_eq!(r.status, 429, "{}", r.body);
+    assert_eq!(
+        (r.json()["quota"].as_str(), r.json()["used"].as_u64()),
+        (Some("builds_per_hour"), Some(2))
+    );
+    let st = stack.status("hourly");
+    assert_eq!(st["state"], "refused", "{st:#}");
+    assert!(!stack
+        .published("hourly", "index.html")
+        .unwrap()
+        .contains("refused"));
 }
 
 #[test]
