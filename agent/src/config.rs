@@ -19,6 +19,9 @@ pub struct Config {
     /// Empty means any origin (`*`).
     pub generator_origins: Vec<String>,
     pub webhook_secret: Vec<u8>,
+    /// Refuse sync webhooks signed over the body alone (without `X-Kiln-Timestamp`), which can
+    /// be replayed.
+    pub webhook_require_timestamp: bool,
     /// SHA-256 of the admin token, which may read every project's status and logs.
     pub admin_token_sha256: Option<String>,
     pub sandbox_uid: u32,
@@ -213,6 +216,7 @@ pub(crate) fn test_config(preview_url: &str) -> Config {
         volume_dir: "/v".into(),
         publish_dir: "/w".into(),
         webhook_secret: Vec::new(),
+        webhook_require_timestamp: false,
         admin_token_sha256: None,
         sandbox_uid: 1,
         sandbox_gid: 1,

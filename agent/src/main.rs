@@ -60,6 +60,10 @@ struct ServeArgs {
     /// Shared secret of the sync webhook (at least 16 characters).
     #[arg(long, env = "KILN_WEBHOOK_SECRET", hide_env_values = true)]
     webhook_secret: String,
+    /// Refuse sync webhooks without `X-Kiln-Timestamp` (signed over the body alone, so they can
+    /// be replayed). gitstore always sends one; hand-made calls may not.
+    #[arg(long, env = "KILN_WEBHOOK_REQUIRE_TIMESTAMP")]
+    webhook_require_timestamp: bool,
     #[arg(long, env = "KILN_ADMIN_TOKEN_SHA256")]
     admin_token_sha256: Option<String>,
     /// Unprivileged user that installs and builds run as: a name, or uid:gid.
@@ -169,6 +173,7 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
             .collect::<Result<_, _>>()
             .map_err(|e| anyhow::anyhow!("KILN_GENERATOR_ORIGINS: {e}"))?,
         webhook_secret: a.webhook_secret.into_bytes(),
+        webhook_require_timestamp: a.webhook_require_timestamp,
         admin_token_sha256: a.admin_token_sha256.map(|h| h.to_ascii_lowercase()),
         sandbox_uid: uid,
         sandbox_gid: gid,

@@ -281,9 +281,7 @@ fn unix_secs() -> u64 {
 /// `sha256=<hex>` over `<timestamp>.<body>`: the timestamp is signed so a captured delivery
 /// cannot be replayed later than receivers' window.
 pub(crate) fn signature(secret: &str, timestamp: u64, body: &[u8]) -> String {
-    let mut signed = format!("{timestamp}.").into_bytes();
-    signed.extend_from_slice(body);
-    gitstore::webhook::signature(secret.as_bytes(), &signed)
+    gitstore::webhook::timestamped_signature(secret.as_bytes(), timestamp, body)
 }
 
 async fn deliver(

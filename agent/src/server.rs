@@ -19,6 +19,7 @@ use serde::Deserialize;
 use crate::agent::{Agent, Request, Requested, RollbackError, RollbackTarget, RolledBack};
 use crate::versions::{self, ExportError, RepoError};
 
+#[derive(Debug)]
 pub struct ApiError {
     status: StatusCode,
     code: &'static str,
@@ -162,12 +163,19 @@ type TokenCache = HashMap<String, (Instant, Option<String>)>;
 struct App {
     agent: Arc<Agent>,
     tokens: Arc<Mutex<TokenCache>>,
+    /// Timestamped webhook signatures seen within the replay window, with their timestamps.
+    seen_webhooks: Arc<Mutex<HashMap<String, u64>>>,
 }
+
+/// Past this many signatures within one window, the oldest half is forgotten: a flood of valid
+/// webhooks (only the secret's holder can make them) must not grow memory without bound.
+const SEEN_WEBHOOKS: usize = 100_000;
 
 pub fn router(agent: Arc<Agent>) -> Router {
     let app = App {
         agent,
         tokens: Arc::default(),
+        seen_webhooks: Arc::default(),
     };
     Router::new()
         .route("/healthz", get(healthz))
@@ -195,6 +203,64 @@ fn project_id(raw: &str) -> ApiResult<ProjectId> {
 }
 
 impl App {
+    /// The sync webhook's signature: over `<X-Kiln-Timestamp>.<body>` within the replay window
+    /// and never seen before, or (unless the operator requires timestamps) over the body alone.
+    fn check_webhook(&self, headers: &HeaderMap, body: &[u8]) -> ApiResult<()> {
+        use gitstore::webhook::{self, REPLAY_WINDOW_SECS};
+        let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+        let secret = &self.agent.cfg.webhook_secret;
+        let sig = header("x-kiln-signature-256").unwrap_or("");
+        let bad_sig = |signed: &str| {
+            ApiError::unauthorized(format!(
+                "missing or bad X-Kiln-Signature-256: sign {signed} with HMAC-SHA256 and the \
+                 webhook secret, as sha256=<hex>"
+            ))
+        };
+        let Some(ts) = header("x-kiln-timestamp") else {
+            if self.agent.cfg.webhook_require_timestamp {
+                return Err(ApiError::unauthorized(
+                    "X-Kiln-Timestamp is required: send the Unix time in seconds and sign \
+                     `<timestamp>.<body>`",
+                ));
+            }
+            if !webhook::verify_signature(secret, body, sig) {
+                return Err(bad_sig("the exact body"));
+            }
+            return Ok(());
+        };
+        let ts: u64 = ts.trim().parse().map_err(|_| {
+            ApiError::unauthorized("X-Kiln-Timestamp must be the Unix time in whole seconds")
+        })?;
+        let now = crate::status::now_ms() / 1000;
+        if now.abs_diff(ts) > REPLAY_WINDOW_SECS {
+            return Err(ApiError::unauthorized(format!(
+                "X-Kiln-Timestamp {ts} is {} s from this agent's clock (at most \
+                 {REPLAY_WINDOW_SECS} s): sign with the current time",
+                now.abs_diff(ts)
+            )));
+        }
+        if !webhook::verify_timestamped_signature(secret, ts, body, sig) {
+            return Err(bad_sig("`<X-Kiln-Timestamp>.<body>`"));
+        }
+        let mut seen = self.seen_webhooks.lock().expect("webhook replay cache");
+        seen.retain(|_, at| now.abs_diff(*at) <= REPLAY_WINDOW_SECS);
+        if seen.len() >= SEEN_WEBHOOKS {
+            let mut ats: Vec<u64> = seen.values().copied().collect();
+            let (_, median, _) = ats.select_nth_unstable(SEEN_WEBHOOKS / 2);
+            let median = *median;
+            seen.retain(|_, at| *at > median);
+        }
+        if seen.insert(sig.to_owned(), ts).is_some() {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "replayed",
+                "this signed webhook was already received: sign each request with a fresh \
+                 X-Kiln-Timestamp",
+            ));
+        }
+        Ok(())
+    }
+
     /// Allows the admin token, or a client token of the client that owns `project`.
     async fn authorize(&self, headers: &HeaderMap, project: &ProjectId) -> ApiResult<()> {
         let client = match self.caller(headers).await? {
@@ -238,6 +304,33 @@ struct SyncBody {
     changed_files: Vec<serde_json::Value>,
 }
 
+/// The commit a sync webhook announces (`new`), if any, from its untrusted body.
+fn sync_hint(body: &[u8]) -> ApiResult<Option<String>> {
+    let parsed: SyncBody = if body.iter().all(u8::is_ascii_whitespace) {
+        SyncBody::default()
+    } else {
+        serde_json::from_slice(body).map_err(|e| {
+            ApiError::bad_request(format!(
+                "body must be JSON {{ref?, new?, changed_files?}}: {e}"
+            ))
+        })?
+    };
+    if parsed.changed_files.len() > 100_000 {
+        return Err(ApiError::bad_request("too many changed_files"));
+    }
+    match parsed.new.as_deref() {
+        // The null id: the ref was deleted, there is no commit to expect.
+        Some(c) if c.chars().all(|c| c == '0') => Ok(None),
+        Some(c) if c.len() == 40 && c.bytes().all(|b| b.is_ascii_hexdigit()) => {
+            Ok(Some(c.to_ascii_lowercase()))
+        }
+        Some(c) => Err(ApiError::bad_request(format!(
+            "`new` must be a 40-hex commit id, got {c:?}"
+        ))),
+        None => Ok(None),
+    }
+}
+
 /// `POST /sync-project/{project}`: signed with the shared webhook secret.
 async fn sync_project(
     State(app): State<App>,
@@ -245,49 +338,12 @@ async fn sync_project(
     headers: HeaderMap,
     body: Bytes,
 ) -> ApiResult<Response> {
-    let sig = headers
-        .get("x-kiln-signature-256")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
-    if !gitstore::webhook::verify_signature(&app.agent.cfg.webhook_secret, &body, sig) {
+    if let Err(e) = app.check_webhook(&headers, &body) {
         app.agent.metrics.inc(&app.agent.metrics.webhooks_rejected);
-        return Err(ApiError::unauthorized(
-            "missing or bad X-Kiln-Signature-256: sign the exact body with HMAC-SHA256 and the webhook secret, as sha256=<hex>",
-        ));
+        return Err(e);
     }
     let project = project_id(&raw)?;
-    let parsed: SyncBody = if body.iter().all(u8::is_ascii_whitespace) {
-        SyncBody::default()
-    } else {
-        serde_json::from_slice(&body).map_err(|e| {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "bad_request",
-                format!("body must be JSON {{ref?, new?, changed_files?}}: {e}"),
-            )
-        })?
-    };
-    let hint = match parsed.new.as_deref() {
-        Some(c) if c.len() == 40 && c.bytes().all(|b| b.is_ascii_hexdigit()) => {
-            Some(c.to_ascii_lowercase())
-        }
-        Some(c) if c.chars().all(|c| c == '0') => None,
-        Some(c) => {
-            return Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "bad_request",
-                format!("`new` must be a 40-hex commit id, got {c:?}"),
-            ))
-        }
-        None => None,
-    };
-    if parsed.changed_files.len() > 100_000 {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "bad_request",
-            "too many changed_files",
-        ));
-    }
+    let hint = sync_hint(&body)?;
     let agent = &app.agent;
     let name = project.as_str();
     // Decided under the project's lifecycle lock, from the manifest read under it: a delete and
@@ -1121,6 +1177,56 @@ async fn open_share(
                 Some(30),
                 none(),
             )
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_announced_commit_or_says_what_is_wrong() {
+        let head = "A".repeat(40);
+        let body = format!(r#"{{"ref":"refs/heads/main","new":"{head}","attempt":2}}"#);
+        assert_eq!(
+            sync_hint(body.as_bytes()).unwrap(),
+            Some(head.to_ascii_lowercase())
+        );
+        assert_eq!(sync_hint(b"").unwrap(), None);
+        assert_eq!(
+            sync_hint(br#"{"new":"0000000000000000000000000000000000000000"}"#).unwrap(),
+            None
+        );
+        for (bad, says) in [
+            (&br#"{"new":"abc"}"#[..], "40-hex"),
+            (b"{", "must be JSON"),
+            (br#"{"new":1}"#, "must be JSON"),
+        ] {
+            let e = sync_hint(bad).unwrap_err();
+            assert_eq!(e.status, StatusCode::BAD_REQUEST);
+            assert!(e.message.contains(says), "{}", e.message);
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_body_is_a_commit_nothing_or_a_400(body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300)) {
+            match sync_hint(&body) {
+                Ok(Some(c)) => proptest::prop_assert!(
+                    c.len() == 40 && c.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+                ),
+                Ok(None) => {}
+                Err(e) => proptest::prop_assert_eq!(e.status, StatusCode::BAD_REQUEST),
+            }
+        }
+
+        #[test]
+        fn any_json_shaped_body_is_answered(new in "[0-9a-fA-F]{0,41}|\\PC{0,50}", files in 0usize..3) {
+            let body = serde_json::json!({"new": new, "changed_files": vec!["x"; files]});
+            let got = sync_hint(body.to_string().as_bytes());
+            let valid = new.len() == 40 && new.bytes().all(|b| b.is_ascii_hexdigit());
+            proptest::prop_assert_eq!(got.is_ok(), valid || new.chars().all(|c| c == '0'));
         }
     }
 }

@@ -15,6 +15,38 @@ pub fn signature(secret: &[u8], body: &[u8]) -> String {
     format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
 }
 
+/// How far a timestamped webhook's `X-Kiln-Timestamp` may be from the receiver's clock.
+pub const REPLAY_WINDOW_SECS: u64 = 300;
+
+/// [`signature`] over `<timestamp>.<body>`, sent with `X-Kiln-Timestamp: <timestamp>`: a captured
+/// delivery cannot be replayed after the receiver's window, and within it the receiver refuses
+/// a signature it has seen. The outbound notifications to clients use the same scheme.
+pub fn timestamped_signature(secret: &[u8], timestamp: u64, body: &[u8]) -> String {
+    signature(secret, &timestamped(timestamp, body))
+}
+
+/// Checks a [`timestamped_signature`] in constant time (the window is the caller's).
+pub fn verify_timestamped_signature(
+    secret: &[u8],
+    timestamp: u64,
+    body: &[u8],
+    header: &str,
+) -> bool {
+    verify_signature(secret, &timestamped(timestamp, body), header)
+}
+
+fn timestamped(timestamp: u64, body: &[u8]) -> Vec<u8> {
+    let mut signed = format!("{timestamp}.").into_bytes();
+    signed.extend_from_slice(body);
+    signed
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
 /// Checks a signature header in constant time.
 pub fn verify_signature(secret: &[u8], body: &[u8], header: &str) -> bool {
     let Some(hex_sig) = header.strip_prefix("sha256=") else {
@@ -30,7 +62,7 @@ pub fn verify_signature(secret: &[u8], body: &[u8], header: &str) -> bool {
 
 struct Delivery {
     url: String,
-    body: Vec<u8>,
+    body: serde_json::Value,
 }
 
 /// Queue of deliveries; bounded so a dead agent cannot grow memory without limit.
@@ -74,10 +106,9 @@ impl Notifier {
     /// Announces a ref update of `project` to every agent.
     pub(crate) fn notify(&self, project: &str, name: &str, old: &str, new: &str) {
         let Some(tx) = &self.tx else { return };
-        let body = serde_json::to_vec(&serde_json::json!({
+        let body = serde_json::json!({
             "project": project, "ref": name, "old": old, "new": new,
-        }))
-        .expect("serializes");
+        });
         for agent in &self.agents {
             let url = format!("{}/sync-project/{project}", agent.trim_end_matches('/'));
             if tx
@@ -95,14 +126,23 @@ impl Notifier {
 }
 
 async fn deliver(client: &reqwest::Client, secret: &[u8], d: Delivery, m: &Metrics) {
-    let sig = signature(secret, &d.body);
     let mut delay = Duration::from_millis(500);
     for attempt in 1..=ATTEMPTS {
+        // Each attempt is a new request (its number in the body, a fresh timestamp): the agent
+        // refuses a signature it has seen, and may have seen the attempt whose answer was lost.
+        let mut body = d.body.clone();
+        body["attempt"] = attempt.into();
+        let body = serde_json::to_vec(&body).expect("serializes");
+        let ts = unix_now();
         let res = client
             .post(&d.url)
             .header("Content-Type", "application/json")
-            .header("X-Kiln-Signature-256", &sig)
-            .body(d.body.clone())
+            .header("X-Kiln-Timestamp", ts.to_string())
+            .header(
+                "X-Kiln-Signature-256",
+                timestamped_signature(secret, ts, &body),
+            )
+            .body(body)
             .send()
             .await;
         let why = match res {
@@ -142,5 +182,22 @@ mod tests {
         assert!(!verify_signature(b"other", b"{\"a\":1}", &s));
         assert!(!verify_signature(b"secret", b"{\"a\":1}", "sha256=zz"));
         assert!(!verify_signature(b"secret", b"{\"a\":1}", &s[7..]));
+        let t = timestamped_signature(b"secret", 1_700_000_000, b"{}");
+        assert!(verify_timestamped_signature(
+            b"secret",
+            1_700_000_000,
+            b"{}",
+            &t
+        ));
+        assert!(!verify_timestamped_signature(
+            b"secret",
+            1_700_000_001,
+            b"{}",
+            &t
+        ));
+        assert!(
+            !verify_signature(b"secret", b"{}", &t),
+            "a body-only check fails"
+        );
     }
 }

@@ -32,6 +32,14 @@ use std::time::{Duration, Instant};
 /// The webhook secret every gitstore started by the harness signs with.
 pub const WEBHOOK_SECRET: &str = "kiln-test-webhook-secret-0123456789";
 
+/// Hex HMAC-SHA256, as webhook and notification signatures carry it after `sha256=`.
+pub fn hmac_sha256_hex(secret: &[u8], body: &[u8]) -> String {
+    use hmac::Mac;
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret).expect("HMAC takes any key");
+    mac.update(body);
+    hex::encode(mac.finalize().into_bytes())
+}
+
 /// The well-known Azurite account key (public, documented by Microsoft).
 pub const AZURITE_ACCOUNT_KEY: &str =
     "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
@@ -1207,16 +1215,22 @@ impl Stack {
     /// Sends the agent the signed sync webhook for `project`, as gitstore does after each new
     /// manifest generation (a push, a delete, a restore, a share).
     pub fn sync(&self, project: &str) -> Response {
-        use hmac::Mac;
         let body = format!("{{\"project\":\"{project}\"}}");
-        let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(WEBHOOK_SECRET.as_bytes())
-            .expect("HMAC takes any key");
-        mac.update(body.as_bytes());
-        let sig = format!("sha256={}", hex::encode(mac.finalize().into_bytes()));
+        let ts = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock after 1970")
+            .as_secs();
+        let mut signed = format!("{ts}.").into_bytes();
+        signed.extend_from_slice(body.as_bytes());
+        let sig = format!(
+            "sha256={}",
+            hmac_sha256_hex(WEBHOOK_SECRET.as_bytes(), &signed)
+        );
         http(
             "POST",
             &format!("{}/sync-project/{project}", self.agent_url()),
             &[
+                ("X-Kiln-Timestamp", &ts.to_string()),
                 ("X-Kiln-Signature-256", &sig),
                 ("Content-Type", "application/json"),
             ],

@@ -153,7 +153,7 @@ fn a_dependency_change_installs_again() {
 }
 
 #[test]
-fn rejects_unsigned_and_badly_signed_webhooks() {
+fn hostile_unsigned_and_badly_signed_webhooks_rejected() {
     let stack = Stack::start();
     let tmp = tempfile::tempdir().unwrap();
     let app = fixture_app(&tmp.path().join("app"));
@@ -184,10 +184,98 @@ fn rejects_unsigned_and_badly_signed_webhooks() {
 }
 
 fn signature(body: &[u8]) -> String {
-    use hmac::Mac;
-    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(WEBHOOK_SECRET.as_bytes()).unwrap();
-    mac.update(body);
-    format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+    format!(
+        "sha256={}",
+        hmac_sha256_hex(WEBHOOK_SECRET.as_bytes(), body)
+    )
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// A sync webhook signed the way gitstore signs it, at `ts`.
+fn timestamped_webhook(url: &str, ts: u64, signed_ts: u64, body: &[u8]) -> Response {
+    let sig = signature(&[format!("{signed_ts}.").as_bytes(), body].concat());
+    http(
+        "POST",
+        url,
+        &[
+            ("X-Kiln-Timestamp", &ts.to_string()),
+            ("X-Kiln-Signature-256", &sig),
+        ],
+        body,
+    )
+}
+
+#[test]
+fn hostile_replayed_or_stale_webhook_refused() {
+    let stack = Stack::start_with(&["--webhook-require-timestamp"]);
+    let tmp = tempfile::tempdir().unwrap();
+    let site = Repo::init(&tmp.path().join("site"));
+    site.commit_file("index.html", "<!doctype html><p>replay</p>\n");
+    stack.push(&site, "replayed");
+    stack.wait_settled("replayed", &site.head(), COLD);
+    let url = format!("{}/sync-project/replayed", stack.agent_url());
+    let body = format!(
+        "{{\"ref\":\"refs/heads/main\",\"new\":\"{}\"}}",
+        site.head()
+    );
+    let now = unix_now();
+
+    let r = timestamped_webhook(&url, now, now, body.as_bytes());
+    assert_eq!(r.status, 200, "{}", r.body);
+    // The same request again, byte for byte, as someone who captured it would send it.
+    let r = timestamped_webhook(&url, now, now, body.as_bytes());
+    assert_eq!(r.status, 409, "{}", r.body);
+    assert_eq!(r.json()["error"], "replayed", "{}", r.body);
+    assert!(r.json()["message"]
+        .as_str()
+        .unwrap()
+        .contains("fresh X-Kiln-Timestamp"));
+
+    // A timestamp moved to dodge the replay check breaks the signature.
+    let r = timestamped_webhook(&url, now + 1, now, body.as_bytes());
+    assert_eq!(r.status, 401, "{}", r.body);
+    // Out of the window, validly signed: refused, saying why.
+    let old = now - 3600;
+    let r = timestamped_webhook(&url, old, old, body.as_bytes());
+    assert_eq!(r.status, 401, "{}", r.body);
+    assert!(r.body.contains("from this agent's clock"), "{}", r.body);
+    let r = http(
+        "POST",
+        &url,
+        &[("X-Kiln-Timestamp", "soon")],
+        body.as_bytes(),
+    );
+    assert_eq!(r.status, 401, "{}", r.body);
+    assert!(r.body.contains("Unix time"), "{}", r.body);
+    // Signed over the body alone, which could be replayed forever: refused when required.
+    let r = http(
+        "POST",
+        &url,
+        &[("X-Kiln-Signature-256", &signature(body.as_bytes()))],
+        body.as_bytes(),
+    );
+    assert_eq!(r.status, 401, "{}", r.body);
+    assert!(
+        r.body.contains("X-Kiln-Timestamp is required"),
+        "{}",
+        r.body
+    );
+
+    // gitstore's own webhooks still arrive: a new push builds.
+    site.commit_file("index.html", "<!doctype html><p>after replays</p>\n");
+    stack.push(&site, "replayed");
+    assert_eq!(
+        stack.wait_settled("replayed", &site.head(), COLD)["state"],
+        "ready"
+    );
+    let m = stack.agent_http("GET", "/metrics").body;
+    assert!(m.contains("kiln_agent_webhooks_rejected_total 5\n"), "{m}");
 }
 
 #[test]

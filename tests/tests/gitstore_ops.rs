@@ -85,13 +85,6 @@ fn flaky_receiver() -> (u16, mpsc::Receiver<Delivery>) {
     (port, rx)
 }
 
-fn hmac_sha256_hex(secret: &[u8], body: &[u8]) -> String {
-    use hmac::Mac;
-    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret).unwrap();
-    mac.update(body);
-    hex::encode(mac.finalize().into_bytes())
-}
-
 #[test]
 fn webhook_delivered_signed_and_retried() {
     let (port, deliveries) = flaky_receiver();
@@ -126,17 +119,21 @@ fn webhook_delivered_signed_and_retried() {
         let sig = d
             .header("X-Kiln-Signature-256")
             .expect("X-Kiln-Signature-256 header");
+        let ts = d
+            .header("X-Kiln-Timestamp")
+            .expect("X-Kiln-Timestamp header");
+        let signed = [format!("{ts}.").as_bytes(), &d.body].concat();
         assert_eq!(
             sig,
             format!(
                 "sha256={}",
-                hmac_sha256_hex(WEBHOOK_SECRET.as_bytes(), &d.body)
+                hmac_sha256_hex(WEBHOOK_SECRET.as_bytes(), &signed)
             ),
-            "the signature does not verify against the webhook secret"
+            "the signature does not verify against the webhook secret and timestamp"
         );
         assert_ne!(
             sig,
-            format!("sha256={}", hmac_sha256_hex(b"some-other-secret", &d.body))
+            format!("sha256={}", hmac_sha256_hex(b"some-other-secret", &signed))
         );
         let v: serde_json::Value = serde_json::from_slice(&d.body).expect("JSON body");
         assert_eq!(v["project"], "hooked", "{v}");
@@ -144,7 +141,16 @@ fn webhook_delivered_signed_and_retried() {
         assert_eq!(v["old"], "0".repeat(40), "{v}");
         assert_eq!(v["new"], head.as_str(), "{v}");
     }
-    assert_eq!(first.body, retry.body);
+    // The same announcement, but a new request: a replayed first attempt would be refused.
+    let (a, b): (serde_json::Value, serde_json::Value) = (
+        serde_json::from_slice(&first.body).unwrap(),
+        serde_json::from_slice(&retry.body).unwrap(),
+    );
+    assert_eq!((&a["attempt"], &b["attempt"]), (&1.into(), &2.into()));
+    assert_ne!(
+        first.header("X-Kiln-Signature-256"),
+        retry.header("X-Kiln-Signature-256")
+    );
 
     // Delivered: no further retries. The next push announces old -> new.
     assert!(
