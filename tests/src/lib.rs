@@ -213,6 +213,8 @@ pub struct Gitstore {
     port: u16,
     store: String,
     env: Vec<(String, String)>,
+    /// The `serve` arguments after the common ones, for [`Gitstore::restart`].
+    extra: Vec<String>,
     dir: tempfile::TempDir,
 }
 
@@ -240,32 +242,16 @@ impl Gitstore {
             assert!(out.ok, "kiln-gitstore hash-token failed: {}", out.stderr);
             extra.extend(["--admin-token-sha256".into(), out.stdout.trim().to_owned()]);
         }
-        let log_path = dir.path().join("gitstore.log");
         // A port picked by binding :0 may be taken again before the server binds it: retry.
         for _attempt in 0..5 {
             let port = free_port();
-            let log = std::fs::File::create(&log_path).expect("log file");
-            let mut cmd = Command::new(&bin);
-            hermetic_env(&mut cmd);
-            cmd.arg("serve")
-                .args(["--listen", &format!("127.0.0.1:{port}")])
-                .args(["--store", &store])
-                .arg("--data-dir")
-                .arg(dir.path().join("cache"))
-                .args(["--webhook-secret", WEBHOOK_SECRET])
-                .args(&extra)
-                .envs(opts.env.iter().cloned())
-                .env("KILN_LOG", "info")
-                .stdin(Stdio::null())
-                .stdout(log.try_clone().expect("log file"))
-                .stderr(log)
-                .process_group(0);
-            let child = cmd.spawn().expect("starting kiln-gitstore");
+            let child = spawn_gitstore(dir.path(), port, &store, &opts.env, &extra);
             let mut node = Self {
                 child,
                 port,
                 store: store.clone(),
                 env: opts.env.clone(),
+                extra: extra.clone(),
                 dir,
             };
             match node.wait_healthy() {
@@ -388,6 +374,57 @@ impl Gitstore {
     pub fn kill(&mut self) {
         kill_group(&mut self.child);
     }
+
+    /// Starts the node again (after [`Gitstore::kill`]) on the same port, store, cache and
+    /// arguments, and waits until it is healthy.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.child = spawn_gitstore(
+            self.dir.path(),
+            self.port,
+            &self.store,
+            &self.env,
+            &self.extra,
+        );
+        if let Err(log) = self.wait_healthy() {
+            panic!(
+                "kiln-gitstore did not come back on port {}:\n{log}",
+                self.port
+            );
+        }
+    }
+}
+
+/// `kiln-gitstore serve` with the harness's settings, logging to `<dir>/gitstore.log`
+/// (appended to, so a restart keeps what came before).
+fn spawn_gitstore(
+    dir: &Path,
+    port: u16,
+    store: &str,
+    env: &[(String, String)],
+    extra: &[String],
+) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("gitstore.log"))
+        .expect("log file");
+    let mut cmd = Command::new(kiln_bin());
+    hermetic_env(&mut cmd);
+    cmd.arg("serve")
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .args(["--store", store])
+        .arg("--data-dir")
+        .arg(dir.join("cache"))
+        .args(["--webhook-secret", WEBHOOK_SECRET])
+        .args(extra)
+        .envs(env.iter().cloned())
+        .env("KILN_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("log file"))
+        .stderr(log)
+        .process_group(0);
+    cmd.spawn().expect("starting kiln-gitstore")
 }
 
 impl Drop for Gitstore {
