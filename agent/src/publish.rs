@@ -25,6 +25,8 @@ pub enum PublishError {
     },
     #[error("the build produced no index.html in its output directory")]
     NoIndex,
+    #[error("the build's output directory is a symlink, not a directory: only files the build wrote are published")]
+    OutputIsLink,
     #[error("the build output is over the {limit}-byte limit")]
     TooLarge { limit: u64 },
 }
@@ -80,6 +82,13 @@ pub fn stage(
     skip: &dyn Fn(&str) -> bool,
     head: &str,
 ) -> Result<Published, PublishError> {
+    // The build may have replaced its output directory (a `dist` it creates) with a link to
+    // anywhere on the host, which would be read and published as root from here.
+    match std::fs::symlink_metadata(out) {
+        Ok(m) if m.file_type().is_symlink() => return Err(PublishError::OutputIsLink),
+        Ok(m) if m.is_dir() => {}
+        _ => return Err(PublishError::NoIndex),
+    }
     if !out.join("index.html").is_file() {
         return Err(PublishError::NoIndex);
     }

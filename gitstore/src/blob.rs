@@ -58,6 +58,9 @@ pub(crate) enum Created {
     AlreadyExists,
 }
 
+/// How long object_store retries a failing request before the error is returned.
+const STORE_RETRY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
+
 impl BlobStore {
     /// Opens the store at `url`: `file:///abs/dir` (or a plain directory path), `az://container/prefix`,
     /// `s3://bucket/prefix`, `gs://bucket/prefix` or `memory://`. Cloud credentials come from the
@@ -78,16 +81,52 @@ impl BlobStore {
             Arc::new(fs)
         } else {
             let parsed = url::Url::parse(url).map_err(|e| invalid(e.to_string()))?;
-            let opts = std::env::vars().filter_map(|(k, v)| {
-                let k = k.to_ascii_lowercase();
-                let known = ["azure_", "aws_", "google_"]
-                    .iter()
-                    .any(|p| k.starts_with(p));
-                known.then_some((k, v))
-            });
-            let (store, prefix) =
-                object_store::parse_url_opts(&parsed, opts).map_err(|e| invalid(e.to_string()))?;
-            let store: Arc<dyn ObjectStore> = Arc::from(store);
+            // Bounded, so that a store that stopped answering fails a push in about half a
+            // minute with an error to retry, rather than holding it for object_store's default
+            // three minutes of retries.
+            let defaults = [("timeout", "30s"), ("connect_timeout", "5s")]
+                .map(|(k, v)| (k.to_owned(), v.to_owned()));
+            let opts: Vec<(String, String)> = defaults
+                .into_iter()
+                .chain(std::env::vars().filter_map(|(k, v)| {
+                    let k = k.to_ascii_lowercase();
+                    let known = ["azure_", "aws_", "google_"]
+                        .iter()
+                        .any(|p| k.starts_with(p));
+                    known.then_some((k, v))
+                }))
+                .collect();
+            let retry = object_store::RetryConfig {
+                max_retries: 4,
+                retry_timeout: STORE_RETRY_TIMEOUT,
+                ..Default::default()
+            };
+            let (scheme, prefix) = object_store::ObjectStoreScheme::parse(&parsed)
+                .map_err(|e| invalid(e.to_string()))?;
+            macro_rules! build {
+                ($builder:ty) => {{
+                    let b = opts.iter().fold(
+                        <$builder>::new().with_url(url.to_owned()),
+                        |b, (k, v)| match k.parse() {
+                            Ok(key) => b.with_config(key, v.clone()),
+                            Err(_) => b,
+                        },
+                    );
+                    let store = b
+                        .with_retry(retry)
+                        .build()
+                        .map_err(|e| invalid(e.to_string()))?;
+                    Arc::new(store) as Arc<dyn ObjectStore>
+                }};
+            }
+            use object_store::ObjectStoreScheme as S;
+            let store: Arc<dyn ObjectStore> = match scheme {
+                S::MicrosoftAzure => build!(object_store::azure::MicrosoftAzureBuilder),
+                S::AmazonS3 => build!(object_store::aws::AmazonS3Builder),
+                S::GoogleCloudStorage => build!(object_store::gcp::GoogleCloudStorageBuilder),
+                S::Memory => Arc::new(object_store::memory::InMemory::new()),
+                other => return Err(invalid(format!("{other:?} is not a supported blob store"))),
+            };
             if prefix.as_ref().is_empty() {
                 store
             } else {

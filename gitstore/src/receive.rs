@@ -111,6 +111,8 @@ pub enum PushError {
     Quota { size: u64, used: u64, limit: u64 },
     #[error("{name}: only branches (refs/heads/*) and tags (refs/tags/*) can be pushed")]
     BadRef { name: String },
+    #[error("{}: not a valid ref name (see `git check-ref-format`)", printable(.name))]
+    InvalidRefName { name: String },
     #[error("{name}: must point at a commit or a tag of one")]
     NotACommit { name: String },
     #[error("{name} changed since you fetched (another push landed first); fetch, merge or rebase, and push again")]
@@ -147,7 +149,9 @@ pub fn pre_receive_main() -> i32 {
     let updates: Vec<RefUpdate> = input
         .lines()
         .filter_map(|l| {
-            let mut it = l.split(' ');
+            // A ref name cannot hold a space, but one that does must be refused whole rather
+            // than cut at the space into another, valid name.
+            let mut it = l.splitn(3, ' ');
             Some(RefUpdate {
                 old: it.next()?.to_owned(),
                 new: it.next()?.to_owned(),
@@ -185,9 +189,30 @@ pub fn pre_receive_main() -> i32 {
     }
 }
 
+/// `git check-ref-format`'s rules. git applies them only after the pre-receive hook, which
+/// publishes the manifest: a name it would refuse must not reach the store, where every other
+/// node would fail to sync it.
+fn valid_ref_name(name: &str) -> bool {
+    let bad_char = |c: char| c.is_ascii_control() || " ~^:?*[\\".contains(c);
+    !name.is_empty()
+        && name != "@"
+        && !name.contains("..")
+        && !name.contains("@{")
+        && !name.ends_with('.')
+        && !name.chars().any(bad_char)
+        && name
+            .split('/')
+            .all(|c| !c.is_empty() && !c.starts_with('.') && !c.ends_with(".lock"))
+}
+
 async fn accept(ctx: &HookContext, updates: Vec<RefUpdate>) -> Result<PushResult, PushError> {
     for u in &updates {
         let ok_prefix = u.name.starts_with("refs/heads/") || u.name.starts_with("refs/tags/");
+        if !valid_ref_name(&u.name) {
+            return Err(PushError::InvalidRefName {
+                name: u.name.clone(),
+            });
+        }
         if !ok_prefix || u.name.len() > 255 {
             return Err(PushError::BadRef {
                 name: u.name.clone(),
@@ -751,5 +776,44 @@ impl TreeChecker<'_> {
             }
         }
         Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::valid_ref_name;
+
+    #[test]
+    fn ref_names_follow_git_check_ref_format() {
+        for ok in [
+            "refs/heads/main",
+            "refs/heads/feature/x-1",
+            "refs/tags/v1.0",
+        ] {
+            assert!(valid_ref_name(ok), "{ok}");
+        }
+        for bad in [
+            "refs/heads/a\u{1}b",
+            "refs/heads/a b",
+            "refs/heads/../../escape",
+            "refs/heads/x.lock",
+            "refs/heads/.hidden",
+            "refs/heads//double",
+            "refs/heads/end.",
+            "refs/heads/end/",
+            "refs/heads/a@{1}",
+            "refs/heads/a~1",
+            "refs/heads/a^",
+            "refs/heads/a:b",
+            "refs/heads/a?",
+            "refs/heads/a*",
+            "refs/heads/a[",
+            "refs/heads/a\\b",
+            "refs/heads/a\u{7f}",
+            "@",
+            "",
+        ] {
+            assert!(!valid_ref_name(bad), "{bad:?}");
+        }
     }
 }

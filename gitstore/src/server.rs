@@ -255,6 +255,16 @@ impl ApiError {
         )
     }
 
+    /// The blob store failed to answer: a 503 to retry, not the caller's fault nor a bug.
+    fn store(e: impl std::fmt::Display) -> Self {
+        log::error!("blob store error: {e}");
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "store_unavailable",
+            "the blob store did not answer; try again shortly",
+        )
+    }
+
     fn plain(mut self) -> Self {
         self.plain = true;
         self
@@ -278,7 +288,7 @@ impl From<AuthError> for ApiError {
             AuthError::BadName => Self::new(StatusCode::BAD_REQUEST, "bad_request", e.to_string()),
             AuthError::NoSuchClient(_) => Self::new(StatusCode::NOT_FOUND, "not_found", e.to_string()),
             AuthError::NotOwner(_) => Self::new(StatusCode::FORBIDDEN, "forbidden", e.to_string()),
-            AuthError::Store(_) => Self::internal(e),
+            AuthError::Store(_) => Self::store(e),
         }
     }
 }
@@ -1369,13 +1379,13 @@ impl App {
         for _ in 0..8 {
             let base = manifest::latest(&self.0.store, project)
                 .await
-                .map_err(ApiError::internal)?;
+                .map_err(ApiError::store)?;
             let Some(next) = change(&base)? else {
                 return Ok(base);
             };
             match manifest::publish(&self.0.store, project, &next)
                 .await
-                .map_err(ApiError::internal)?
+                .map_err(ApiError::store)?
             {
                 manifest::Publish::Won => return Ok(next),
                 manifest::Publish::Lost => continue,
@@ -1536,7 +1546,7 @@ async fn project_info(
     let owner = app.visible_owner(&who, &project, false).await?;
     let m = manifest::latest(&app.0.store, &project)
         .await
-        .map_err(ApiError::internal)?;
+        .map_err(ApiError::store)?;
     Ok(Json(app.project_answer(&project, &owner, &m).await).into_response())
 }
 
@@ -1766,7 +1776,7 @@ async fn restore_project(
     };
     let current = manifest::latest(&app.0.store, &project)
         .await
-        .map_err(ApiError::internal)?;
+        .map_err(ApiError::store)?;
     if let Some(at) = current.deleted_at {
         if let Some(e) = past_grace(at) {
             return Err(e);

@@ -932,21 +932,56 @@ impl Azurite {
             .prefix("kiln-azurite-")
             .tempdir()
             .expect("temp dir");
-        let log_path = dir.path().join("azurite.log");
         let port = free_port();
-        let log = std::fs::File::create(&log_path).expect("log file");
-        let child = Command::new("azurite-blob")
+        let child = Self::spawn(dir.path(), port);
+        let mut az = Self { child, port, dir };
+        az.wait_listening();
+        az
+    }
+
+    fn spawn(dir: &Path, port: u16) -> Child {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("azurite.log"))
+            .expect("log file");
+        Command::new("azurite-blob")
             .args(["--blobHost", "127.0.0.1", "--blobPort", &port.to_string()])
             .arg("--location")
-            .arg(dir.path().join("data"))
+            .arg(dir.join("data"))
             .args(["--disableTelemetry", "--silent"])
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log file"))
             .stderr(log)
             .process_group(0)
             .spawn()
-            .expect("starting azurite-blob");
-        let mut az = Self { child, port, dir };
+            .expect("starting azurite-blob")
+    }
+
+    /// Freezes the service (SIGSTOP): connections are accepted by the kernel and then hang, as
+    /// in a network partition or a store that stopped answering. Killing Azurite instead would
+    /// lose the metadata it has not yet saved, which no real store does.
+    pub fn stop(&mut self) {
+        self.signal("STOP");
+    }
+
+    /// Lets a [`Azurite::stop`]ped service run again.
+    pub fn resume(&mut self) {
+        self.signal("CONT");
+        self.wait_listening();
+    }
+
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([&format!("-{sig}"), "--", &format!("-{}", self.child.id())])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "kill -{sig} of azurite's process group failed");
+    }
+
+    fn wait_listening(&mut self) {
+        let (port, log_path) = (self.port, self.dir.path().join("azurite.log"));
+        let az = self;
         let started = Instant::now();
         while TcpStream::connect(("127.0.0.1", port)).is_err() {
             if let Ok(Some(status)) = az.child.try_wait() {
@@ -964,7 +999,6 @@ impl Azurite {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        az
     }
 
     /// The environment object_store (and so gitstore) needs to use this Azurite.

@@ -186,7 +186,7 @@ fn runs_a_command_as_the_sandbox_user_and_passes_its_exit_code() {
 }
 
 #[test]
-fn contains_a_fork_bomb() {
+fn hostile_fork_bomb_contained() {
     let _cpu = cpu_bound();
     let mut case = Case::new(
         "forkbomb",
@@ -219,7 +219,7 @@ fn contains_a_fork_bomb() {
 }
 
 #[test]
-fn contains_an_8_gib_allocation() {
+fn hostile_8_gib_allocation_contained() {
     let mut case = Case::new(
         "oom",
         &[
@@ -253,7 +253,7 @@ fn contains_an_8_gib_allocation() {
 }
 
 #[test]
-fn contains_an_endless_loop() {
+fn hostile_endless_loop_contained() {
     let _cpu = cpu_bound();
     let mut case = Case::new("loop", &sh("while :; do :; done"));
     case.spec.limits.timeout = Duration::from_secs(2);
@@ -274,7 +274,7 @@ fn contains_an_endless_loop() {
 }
 
 #[test]
-fn contains_cpu_use_to_the_quota() {
+fn hostile_cpu_hog_contained_to_the_quota() {
     let _cpu = cpu_bound();
     // Two busy loops under a quota of half a CPU: CPU time stays near 0.5 s per second.
     let mut case = Case::new("quota", &sh("while :; do :; done & while :; do :; done"));
@@ -293,7 +293,7 @@ fn contains_cpu_use_to_the_quota() {
 }
 
 #[test]
-fn refuses_a_tcp_connection_during_build() {
+fn hostile_tcp_connection_during_build_refused() {
     let listener = TcpListener::bind("127.0.0.1:0").expect("listening");
     let port = listener.local_addr().expect("addr").port();
     listener.set_nonblocking(true).expect("nonblocking");
@@ -351,7 +351,7 @@ fn allows_the_network_when_the_spec_asks_for_it() {
 }
 
 #[test]
-fn refuses_reading_etc_shadow() {
+fn hostile_reading_etc_shadow_refused() {
     let case = Case::new(
         "shadow",
         &sh(
@@ -417,7 +417,7 @@ fn refuses_reading_etc_shadow() {
 }
 
 #[test]
-fn refuses_reading_another_projects_dir() {
+fn hostile_reading_another_projects_dir_refused() {
     let other = tempfile::Builder::new()
         .prefix("kiln-other-project-")
         .tempdir_in("/var/tmp")
@@ -454,7 +454,7 @@ fn refuses_reading_another_projects_dir() {
 }
 
 #[test]
-fn refuses_writing_outside_the_project_dir() {
+fn hostile_writing_outside_the_project_dir_refused() {
     let mut case = Case::new(
         "writes",
         &sh(&format!(
@@ -495,7 +495,7 @@ fn refuses_writing_outside_the_project_dir() {
 }
 
 #[test]
-fn refuses_writing_through_a_read_only_bind() {
+fn hostile_writing_through_a_read_only_bind_refused() {
     let mut case = Case::new(
         "robind",
         &sh("cat /src/a.txt; echo y > /src/a.txt || echo refused"),
@@ -524,7 +524,7 @@ fn refuses_writing_through_a_read_only_bind() {
 }
 
 #[test]
-fn contains_writes_to_an_overlay_lower_dir() {
+fn hostile_writes_to_an_overlay_lower_dir_contained() {
     let mut case = Case::new(
         "overlay",
         &sh("cat /app/node_modules/pkg/index.js; \
@@ -599,7 +599,7 @@ fn cancel_kills_the_run_and_removes_the_cgroup() {
 }
 
 #[test]
-fn contains_the_environment_and_the_process_tree() {
+fn hostile_environment_and_process_tree_probe_contained() {
     let mut case = Case::new(
         "env",
         &sh(

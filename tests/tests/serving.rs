@@ -467,6 +467,41 @@ fn sends_correct_types_nosniff_and_frame_ancestors() {
 }
 
 #[test]
+fn hostile_mime_sniffing_served_with_fixed_types() {
+    let site = site();
+    // HTML a build hides under names that are not .html: a browser that sniffed it would run
+    // its script on the preview's origin, from a URL the app never meant as a page.
+    let html = "<!doctype html><html><body><script>parent.postMessage(document.cookie, '*')\
+                </script></body></html>\n";
+    let cases = [
+        ("notes.txt", "text/plain; charset=utf-8"),
+        ("payload", "application/octet-stream"),
+        ("assets/payload", "application/octet-stream"),
+        ("assets/photo-Q2x4Zp7w.jpg", "image/jpeg"),
+        ("data.json", "application/json; charset=utf-8"),
+        ("assets/unknown.xyz", "application/octet-stream"),
+    ];
+    for (rel, _) in cases {
+        site.write(&format!("foo/builds/1/{rel}"), html);
+    }
+    let n = path_mode(&site, &[]);
+    for (rel, ty) in cases {
+        for prefix in ["/preview/foo", "/preview/foo/b/1"] {
+            let path = format!("{prefix}/{rel}");
+            let r = get(&n, &path);
+            assert_eq!(r.status, 200, "{path}: {r:?}");
+            assert_eq!(r.body, html.as_bytes(), "{path}: served as it is");
+            assert_eq!(r.header("content-type"), Some(ty), "{path}: {r:?}");
+            assert_eq!(
+                r.header("x-content-type-options"),
+                Some("nosniff"),
+                "{path}"
+            );
+        }
+    }
+}
+
+#[test]
 fn status_page_replaces_navigations_but_not_files_while_present() {
     let site = site();
     let n = path_mode(&site, &[]);
@@ -551,7 +586,7 @@ fn unknown_project_gets_the_no_preview_page() {
 }
 
 #[test]
-fn rejects_invalid_project_ids() {
+fn hostile_invalid_project_ids_rejected() {
     let site = site();
     let n = path_mode(&site, &[]);
     let long = format!("/preview/{}/", "a".repeat(64));
@@ -577,7 +612,7 @@ fn rejects_invalid_project_ids() {
 }
 
 #[test]
-fn refuses_path_traversal_in_raw_requests() {
+fn hostile_path_traversal_in_raw_requests_refused() {
     let site = site();
     let n = path_mode(&site, &[]);
     let attempts = [
@@ -638,7 +673,7 @@ fn refuses_path_traversal_in_raw_requests() {
 }
 
 #[test]
-fn refuses_symlinks_out_of_the_build() {
+fn hostile_symlinks_out_of_the_build_refused() {
     let site = site();
     // A status page that is a symlink is refused like any other.
     std::fs::create_dir_all(site.path("linked")).unwrap();
@@ -671,7 +706,7 @@ fn refuses_symlinks_out_of_the_build() {
 }
 
 #[test]
-fn refuses_directory_listings_and_dotfiles() {
+fn hostile_directory_listings_and_dotfiles_refused() {
     let site = site();
     let n = path_mode(&site, &[]);
     for dir in [
