@@ -254,8 +254,8 @@ impl App {
             return Err(ApiError::new(
                 StatusCode::CONFLICT,
                 "replayed",
-                "this signed webhook was already received: sign each request with a fresh \
-                 X-Kiln-Timestamp",
+                "this signed webhook was already received: make each request unique (a fresh \
+                 X-Kiln-Timestamp, or a delivery id in the body) and sign it again",
             ));
         }
         Ok(())

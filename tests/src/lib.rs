@@ -1286,11 +1286,16 @@ impl Stack {
     /// Sends the agent the signed sync webhook for `project`, as gitstore does after each new
     /// manifest generation (a push, a delete, a restore, a share).
     pub fn sync(&self, project: &str) -> Response {
-        let body = format!("{{\"project\":\"{project}\"}}");
-        let ts = std::time::SystemTime::now()
+        let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
-            .expect("clock after 1970")
-            .as_secs();
+            .expect("clock after 1970");
+        // Unique, as gitstore's attempt number makes each of its requests: the agent refuses
+        // a signature it has already seen.
+        let body = format!(
+            "{{\"project\":\"{project}\",\"delivery\":\"{}\"}}",
+            now.as_nanos()
+        );
+        let ts = now.as_secs();
         let mut signed = format!("{ts}.").into_bytes();
         signed.extend_from_slice(body.as_bytes());
         let sig = format!(
