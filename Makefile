@@ -20,6 +20,7 @@ bench: deps-test
 	$(CARGO) bench -p kiln-gitstore --bench push
 	$(CARGO) bench -p kiln-tests --bench preview
 	$(CARGO) bench -p kiln-tests --bench versions
+	$(CARGO) bench -p kiln-tests --bench load
 
 deps:
 	bash provisioning/deps.sh
