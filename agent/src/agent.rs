@@ -83,6 +83,7 @@ pub struct Agent {
     pub(crate) gc: crate::retention::Gc,
     pub(crate) shares: crate::share::Shares,
     pub(crate) views: crate::views::Views,
+    pub(crate) warm: crate::warm::Warm,
     /// Projects whose latest manifest says they are deleted: nothing of them is built or served
     /// until a sync finds them restored.
     gone: Mutex<HashSet<String>>,
@@ -167,6 +168,7 @@ impl Agent {
             gc: crate::retention::Gc::default(),
             shares: crate::share::Shares::default(),
             views: crate::views::Views::default(),
+            warm: crate::warm::Warm::default(),
             gone: Mutex::default(),
             hostname,
         });
@@ -539,6 +541,11 @@ impl Agent {
     /// Stops for a restart: starts no new build, gives running builds `grace` to finish, then
     /// cancels the rest and leaves them queued on disk, so the next start builds them again.
     pub async fn shutdown(&self, grace: Duration) {
+        self.stop_builds(grace).await;
+        self.warm.stop_all().await;
+    }
+
+    async fn stop_builds(&self, grace: Duration) {
         self.stopping.store(true, Ordering::SeqCst);
         let mut changed = self.subscribe();
         let deadline = tokio::time::Instant::now() + grace;
@@ -742,6 +749,9 @@ impl Agent {
     }
 
     fn remove_local(&self, project: &str) {
+        // Killed before what it has mounted goes.
+        drop(self.warm.take(project));
+        let _ = std::fs::remove_dir_all(self.cfg.state_dir.join("warm").join(project));
         let trash = self.cfg.publish_dir.join(".trash");
         let published = publish::project_dir(&self.cfg.publish_dir, project);
         if published.exists() {
@@ -995,8 +1005,9 @@ impl Agent {
 
     /// After a restart: cleans build scratch, and queues again every build that was interrupted.
     pub fn recover(self: &Arc<Self>) {
-        let scratch = self.cfg.state_dir.join("builds");
-        let _ = std::fs::remove_dir_all(&scratch);
+        for scratch in ["builds", "warm"] {
+            let _ = std::fs::remove_dir_all(self.cfg.state_dir.join(scratch));
+        }
         let Ok(entries) = std::fs::read_dir(self.cfg.state_dir.join("projects")) else {
             return;
         };

@@ -69,9 +69,14 @@ struct Record {
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct CheckoutReport {
     pub written: Vec<String>,
+    /// The written paths the last checkout did not have.
+    pub added: Vec<String>,
     pub deleted: Vec<String>,
     /// The worktree was rebuilt from nothing (first build, or its record was lost or damaged).
     pub full: bool,
+    /// The tree the worktree held before (per its record), and the one it holds now.
+    pub previous_tree: Option<String>,
+    pub tree: String,
 }
 
 /// Files of a tree: path → (blob id, kind).
@@ -156,6 +161,7 @@ pub fn checkout(
             Record::default()
         }
     };
+    report.previous_tree = Some(record.tree.clone()).filter(|t| !t.is_empty());
 
     for path in record.files.keys().cloned().collect::<Vec<_>>() {
         if !files.contains_key(&path) {
@@ -199,6 +205,9 @@ pub fn checkout(
             })?;
         }
         write_entry(&full, *kind, data.data, owner)?;
+        if !record.files.contains_key(path) {
+            report.added.push(path.clone());
+        }
         let meta = std::fs::symlink_metadata(&full).map_err(io(&full))?;
         record.files.insert(
             path.clone(),
@@ -213,6 +222,7 @@ pub fn checkout(
         report.written.push(path.clone());
     }
     record.tree = tree.to_hex().to_string();
+    report.tree = record.tree.clone();
     write_record(record_path, &record)?;
     Ok(report)
 }

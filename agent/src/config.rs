@@ -54,6 +54,12 @@ pub struct Config {
     pub node: PathBuf,
     /// The engine projects build with unless they pin one.
     pub engine: Engine,
+    /// Warm build processes (`vite build --watch`) kept at most; 0: every build is cold.
+    pub warm_max: usize,
+    /// Memory the idle warm processes may hold together before the least recently used go.
+    pub warm_memory_bytes: u64,
+    /// A warm process unused for this long is stopped.
+    pub warm_idle: Duration,
 }
 
 /// CPUs and memory of this machine, for defaults.
@@ -90,6 +96,19 @@ impl Config {
         let (cpus, mem) = machine();
         let by_mem = (mem.saturating_sub(1 << 30) / memory_bytes.max(1)) as usize;
         (cpus / 2).min(by_mem).max(1)
+    }
+
+    /// Memory for idle warm processes: a quarter of the machine (2 GiB on an F4s_v2), beside
+    /// the builds' own.
+    pub fn default_warm_memory() -> u64 {
+        let (_, mem) = machine();
+        mem / 4
+    }
+
+    /// Warm processes: what the memory holds at about 512 MiB each (a ~100-file generated app
+    /// under Vite 8 holds ~500 MB), at least one.
+    pub fn default_warm_max(warm_memory_bytes: u64) -> usize {
+        ((warm_memory_bytes / (512 << 20)) as usize).max(1)
     }
 
     pub fn preview_url_for(&self, project: &str) -> String {
@@ -238,6 +257,9 @@ pub(crate) fn test_config(preview_url: &str) -> Config {
         pnpm: "/usr/bin/pnpm".into(),
         node: "/usr/bin/node".into(),
         engine: Engine::Fast,
+        warm_max: 0,
+        warm_memory_bytes: 0,
+        warm_idle: Duration::ZERO,
     }
 }
 

@@ -10,7 +10,8 @@
 //! `retention` (which builds stay, LRU eviction of idle projects' worktrees and node_modules,
 //! the pnpm store prune, the report), `quota` (builds per hour and concurrent builds per
 //! client), `share` (view share links to a pinned build), `views` (when each preview was last viewed,
-//! reported by nginx), `config`, `metrics`.
+//! reported by nginx), `warm` (a `vite build --watch` process per recently built project, LRU
+//! and memory capped), `config`, `metrics`.
 
 mod agent;
 pub mod checkout;
@@ -31,5 +32,6 @@ pub mod share;
 pub mod status;
 pub mod versions;
 mod views;
+mod warm;
 
 pub use agent::{Agent, Request, Requested, RollbackError, RollbackTarget, RolledBack};

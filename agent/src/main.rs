@@ -127,6 +127,18 @@ struct ServeArgs {
     /// package.json.
     #[arg(long, env = "KILN_ENGINE", default_value = "fast")]
     engine: agent::config::Engine,
+    /// Warm build processes (a `vite build --watch` per recently built project, so a one-file
+    /// change costs only Vite's rebuild) kept at most; 0 builds every change cold (default:
+    /// what the warm memory holds at 512 MiB each).
+    #[arg(long, env = "KILN_WARM_MAX")]
+    warm_max: Option<usize>,
+    /// Memory the idle warm processes may hold together, least recently used stopped first
+    /// (default: a quarter of the machine).
+    #[arg(long, env = "KILN_WARM_MEMORY_MB")]
+    warm_memory_mb: Option<u64>,
+    /// A warm process unused this long is stopped.
+    #[arg(long, env = "KILN_WARM_IDLE_SECS", default_value_t = 900)]
+    warm_idle_secs: u64,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -161,6 +173,10 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
     let concurrency = a
         .concurrency
         .unwrap_or_else(|| Config::default_concurrency(memory_bytes));
+    let warm_memory_bytes = a
+        .warm_memory_mb
+        .map(|m| m << 20)
+        .unwrap_or_else(Config::default_warm_memory);
     let cfg = Config {
         volume_dir: a.volume_dir.unwrap_or_else(|| a.state_dir.join("volume")),
         state_dir: a.state_dir,
@@ -196,6 +212,11 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         pnpm: a.pnpm,
         node: a.node,
         engine: a.engine,
+        warm_max: a
+            .warm_max
+            .unwrap_or_else(|| Config::default_warm_max(warm_memory_bytes)),
+        warm_memory_bytes,
+        warm_idle: Duration::from_secs(a.warm_idle_secs),
     };
     agent::sandbox::check_host().context("this host cannot run build sandboxes")?;
     let cgroups = agent::sandbox::delegate_cgroups().context("using the delegated cgroup")?;
@@ -212,7 +233,9 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         memory_mb = cfg.memory_bytes >> 20, cpus = cfg.cpus, keep_builds = cfg.keep_builds,
         keep_builds_secs = cfg.keep_builds_for.as_secs(), disk_high_water = cfg.disk_high_water,
         disk_low_water = cfg.disk_low_water, quota_builds_per_hour = cfg.quota_builds_per_hour,
-        quota_concurrent_builds = cfg.quota_concurrent_builds; "kiln-agent starting"
+        quota_concurrent_builds = cfg.quota_concurrent_builds, warm_max = cfg.warm_max,
+        warm_memory_mb = cfg.warm_memory_bytes >> 20, warm_idle_secs = cfg.warm_idle.as_secs();
+        "kiln-agent starting"
     );
     let agent_volume = cfg.volume_dir.clone();
     let agent = agent::Agent::new(cfg, store, exe);

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use crate::status::State;
 
+const WARM: [&str; 4] = ["started", "rebuilt", "reused", "cold"];
 const PHASES: [&str; 5] = ["sync", "checkout", "install", "build", "publish"];
 const OUTCOMES: [State; 4] = [
     State::Ready,
@@ -34,6 +35,9 @@ pub(crate) struct Counters {
     pub(crate) evictions: AtomicU64,
     pub(crate) store_prunes: AtomicU64,
     pub(crate) views: AtomicU64,
+    /// Builds by how a warm process served them: started, rebuilt, reused, cold.
+    warm: [AtomicU64; 4],
+    pub(crate) warm_live: AtomicU64,
 }
 
 impl std::ops::Deref for Metrics {
@@ -62,6 +66,13 @@ impl Metrics {
         if let Some(i) = PHASES.iter().position(|p| *p == name) {
             self.add(&self.phase_ms[i], ms);
             self.inc(&self.phase_count[i]);
+        }
+    }
+
+    /// A Vite build, by how a warm process served it (`cold`: none did).
+    pub(crate) fn warm(&self, how: &str) {
+        if let Some(i) = WARM.iter().position(|w| *w == how) {
+            self.inc(&self.warm[i]);
         }
     }
 
@@ -166,6 +177,21 @@ impl Metrics {
             "counter",
             "Successful prunes of the shared pnpm store.",
             vec![(String::new(), g(&self.store_prunes))],
+        );
+        family(
+            "kiln_agent_warm_builds_total",
+            "counter",
+            "Vite builds by how a warm process served them: started (a new process's first build), rebuilt (incremental), reused (nothing changed), cold (none).",
+            WARM.iter()
+                .zip(&self.warm)
+                .map(|(w, c)| (format!("{{how=\"{w}\"}}"), g(c)))
+                .collect(),
+        );
+        family(
+            "kiln_agent_warm_processes",
+            "gauge",
+            "Warm build processes running, idle or building.",
+            vec![(String::new(), g(&self.warm_live))],
         );
         family(
             "kiln_agent_preview_views_total",

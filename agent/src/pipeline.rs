@@ -236,27 +236,103 @@ async fn steps(
     let _ = std::fs::remove_dir_all(&scratch);
     std::fs::create_dir_all(&scratch).map_err(|e| Failure::failed(format!("scratch dir: {e}")))?;
 
-    let out: PathBuf;
-    if !files.contains_key("package.json") {
+    let built = if !files.contains_key("package.json") {
         // A static site: nothing to install or build.
         agent.update(project, |s| s.engine = Some("static".into()));
         log.note("no package.json: publishing the files as they are");
-        out = worktree.clone();
+        Built {
+            out: worktree.clone(),
+            warm: None,
+        }
     } else {
         // 3. Install only when needed.
         let nm =
             install_if_needed(agent, project, &files, &worktree, &scratch, cancel, log).await?;
         check_cancel(cancel)?;
         // 4. Build.
-        out = build_in_sandbox(agent, project, &worktree, &nm, &scratch, cancel, log).await?;
+        let changes = Changes {
+            report: &report,
+            force: req.force,
+            node_modules_in_tree: files.keys().any(|p| p.starts_with("node_modules/")),
+        };
+        build_in_sandbox(
+            agent, project, &worktree, &nm, &scratch, &changes, cancel, log,
+        )
+        .await?
+    };
+    let published = match check_cancel(cancel) {
+        Ok(()) => {
+            let to = Publish {
+                build,
+                target,
+                commit,
+                head,
+                pinned,
+            };
+            publish_build(agent, project, &built.out, to, log).await
+        }
+        Err(f) => Err(f),
+    };
+    // After publishing its output (which eviction would delete): the process may go now.
+    if let Some(w) = built.warm {
+        if agent.is_gone(project) || cancel.is_cancelled() {
+            w.stop().await;
+        } else {
+            let cfg = &agent.cfg;
+            agent
+                .warm
+                .put(project, *w, cfg.warm_max, cfg.warm_memory_bytes);
+        }
     }
-    check_cancel(cancel)?;
+    published
+}
 
-    // 5. Publish.
+/// What a build produced: its output directory, and the warm process that wrote it, if one did.
+struct Built {
+    out: PathBuf,
+    warm: Option<Box<crate::warm::Watcher>>,
+}
+
+/// What the checkout changed, for the warm process to know whether it can rebuild incrementally.
+struct Changes<'a> {
+    report: &'a checkout::CheckoutReport,
+    /// `POST /build`: build even when nothing changed.
+    force: bool,
+    /// The tree has its own node_modules, where a warm process mounts the installed one.
+    node_modules_in_tree: bool,
+}
+
+/// What to publish: build `build` of `commit` as `target` says, the branch being at `head`;
+/// `pinned`, the commits shares name (None: unknown, so nothing is retired).
+struct Publish {
+    build: u64,
+    target: Target,
+    commit: String,
+    head: String,
+    pinned: Option<std::collections::HashSet<String>>,
+}
+
+/// Step 5: `out` into a new build directory, then `current` switched to it (unless the target
+/// is a share link's pinned build), then old builds retired.
+async fn publish_build(
+    agent: &Arc<Agent>,
+    project: &str,
+    out: &Path,
+    to: Publish,
+    log: &mut Log,
+) -> Result<(), Failure> {
+    let Publish {
+        build,
+        target,
+        commit,
+        head,
+        pinned,
+    } = to;
+    let publish_dir = publish::project_dir(&agent.cfg.publish_dir, project);
     phase(agent, project, log, State::Publishing, "publish");
     let t = Instant::now();
     let max = agent.cfg.max_output_bytes;
-    let (pd, o) = (publish_dir.clone(), out.clone());
+    let (pd, o) = (publish_dir.clone(), out.to_owned());
     let script = crate::preview::console_script(&agent.cfg.generator_origins, project, build);
     let published = tokio::task::spawn_blocking(move || {
         publish::stage(
@@ -524,6 +600,11 @@ async fn install_if_needed(
         l = crate::retention::lock_store(&volume, false) => l.map_err(setup)?,
         () = cancel.cancelled() => return Err(Failure { state: State::Cancelled, message: "cancelled".into() }),
     };
+    // Its node_modules is about to change under the overlay it has mounted.
+    if let Some(w) = agent.warm.take(project) {
+        log.note("warm process stopped: the dependencies change");
+        w.stop().await;
+    }
     run_sandboxed(agent, project, "pnpm install", &spec, cancel, log).await?;
     drop(store_lock);
     let rec = InstallRecord { key, nm: nm_name };
@@ -579,6 +660,7 @@ pub(crate) fn install_spec(
         argv,
         env: sandbox_env(cfg, project, "development"),
         limits: limits(cfg, cfg.install_timeout),
+        stdin: false,
     }
 }
 
@@ -590,16 +672,19 @@ fn scratch_id(scratch: &Path) -> String {
 }
 
 /// Builds with Vite (or the package's build script) in the sandbox, offline. Returns the output.
-/// With the fast engine, a failure is retried once with the project's own Vite.
+/// The first attempt goes to the project's warm process when Vite builds it. With the fast
+/// engine, a failure is retried once, cold, with the project's own Vite.
+#[allow(clippy::too_many_arguments)]
 async fn build_in_sandbox(
     agent: &Arc<Agent>,
     project: &str,
     worktree: &Path,
     nm: &Path,
     scratch: &Path,
+    changes: &Changes<'_>,
     cancel: &CancellationToken,
     log: &mut Log,
-) -> Result<PathBuf, Failure> {
+) -> Result<Built, Failure> {
     phase(agent, project, log, State::Building, "build");
     let t = Instant::now();
     let has_vite = nm.join("node_modules/vite/bin/vite.js").is_file();
@@ -616,21 +701,52 @@ async fn build_in_sandbox(
     }
     attempts.push((Engine::Project, None));
     let last = attempts.len() - 1;
+    let mut warm_ok = has_vite && agent.cfg.warm_max > 0;
+    if warm_ok && changes.node_modules_in_tree {
+        log.note("the tree has its own node_modules: building cold");
+        warm_ok = false;
+    }
     for (i, (engine, engine_dir)) in attempts.into_iter().enumerate() {
-        let attempt = scratch.join(engine.as_str());
-        let r = build_once(
-            agent,
-            project,
-            worktree,
-            nm,
-            &attempt,
-            engine,
-            engine_dir.as_deref(),
-            has_vite,
-            cancel,
-            log,
-        )
-        .await;
+        let r = if i == 0 && warm_ok {
+            build_warm(
+                agent,
+                project,
+                worktree,
+                nm,
+                engine,
+                engine_dir.clone(),
+                changes,
+                cancel,
+                log,
+            )
+            .await
+        } else {
+            None
+        };
+        let r = match r {
+            Some(r) => r,
+            None => {
+                if has_vite {
+                    agent.metrics.warm("cold");
+                }
+                agent.update(project, |s| s.warm = None);
+                let attempt = scratch.join(engine.as_str());
+                build_once(
+                    agent,
+                    project,
+                    worktree,
+                    nm,
+                    &attempt,
+                    engine,
+                    engine_dir.as_deref(),
+                    has_vite,
+                    cancel,
+                    log,
+                )
+                .await
+                .map(|out| Built { out, warm: None })
+            }
+        };
         match r {
             Err(f) if i < last && f.state == State::Failed && !cancel.is_cancelled() => {
                 log.note(&format!(
@@ -640,13 +756,60 @@ async fn build_in_sandbox(
                 agent.metrics.inc(&agent.metrics.fast_fallbacks);
             }
             Err(f) => return Err(f),
-            Ok(out) => {
+            Ok(built) => {
                 done(agent, project, "build", t);
-                return Ok(out);
+                return Ok(built);
             }
         }
     }
     unreachable!("the project engine is always the last attempt")
+}
+
+/// One attempt through the project's warm process (`crate::warm`); `None` when none can serve
+/// it, so the attempt runs cold.
+#[allow(clippy::too_many_arguments)]
+async fn build_warm(
+    agent: &Arc<Agent>,
+    project: &str,
+    worktree: &Path,
+    nm: &Path,
+    engine: Engine,
+    engine_dir: Option<PathBuf>,
+    changes: &Changes<'_>,
+    cancel: &CancellationToken,
+    log: &mut Log,
+) -> Option<Result<Built, Failure>> {
+    let base = agent.cfg.base_path_for(project);
+    agent.update(project, |s| s.engine = Some(engine.as_str().into()));
+    log.note(&format!(
+        "engine {}: vite build --watch (warm) with base {base} (no network)",
+        engine.as_str()
+    ));
+    let key = crate::warm::Key {
+        engine,
+        engine_dir,
+        nm: nm.to_owned(),
+        base,
+    };
+    let warmed = agent
+        .build_warm(
+            project,
+            key,
+            worktree,
+            changes.report,
+            changes.force,
+            cancel,
+            log,
+        )
+        .await;
+    match warmed {
+        crate::warm::Warmed::Built(watcher) => Some(Ok(Built {
+            out: watcher.out().to_owned(),
+            warm: Some(watcher),
+        })),
+        crate::warm::Warmed::Failed { state, message } => Some(Err(Failure { state, message })),
+        crate::warm::Warmed::Cold => None,
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -746,6 +909,7 @@ async fn build_once(
         argv,
         env,
         limits: limits(cfg, cfg.build_timeout),
+        stdin: false,
     };
     run_sandboxed(agent, project, what, &spec, cancel, log).await?;
     Ok(result_dir)
@@ -894,7 +1058,7 @@ impl Tail {
     }
 }
 
-fn strip_ansi(s: &str) -> String {
+pub(crate) fn strip_ansi(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     let mut chars = s.chars().peekable();
     while let Some(c) = chars.next() {

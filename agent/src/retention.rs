@@ -315,6 +315,8 @@ impl Agent {
         let volume_trash = self.volume().join(TRASH);
         let mut aside = Vec::new();
         let moved = self.while_idle(project, || {
+            // Killed before what it has mounted goes.
+            drop(self.warm.take(project));
             let nm = install_dir(self, project);
             for (from, trash) in [
                 (Some(dir.join("worktree")), &state_trash),
@@ -485,6 +487,7 @@ impl Agent {
             ],
             env: crate::pipeline::sandbox_env(cfg, "kiln-store", "development"),
             limits: crate::pipeline::limits(cfg, cfg.install_timeout),
+            stdin: false,
         };
         let mut out = Vec::new();
         let run = {
@@ -650,6 +653,7 @@ impl Agent {
                     limit: 0,
                     ..Options::default()
                 };
+                agent.warm.reap(agent.cfg.warm_idle);
                 let r = agent.gc_pass(opts).await;
                 if r.totals.bytes > 0 || r.prune.ran {
                     log::info!(

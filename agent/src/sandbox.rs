@@ -16,7 +16,8 @@
 //! 2. Create the cgroup `kiln/<spec.cgroup>` with the memory limit (no swap on top of it), the
 //!    pids limit and a CPU quota of `cpus` periods of 100 ms.
 //! 3. Write the spec to a root-only temp dir (0700, file 0600) and start `unshare … sandbox-init`
-//!    with stdin closed and stdout and stderr on one pipe, so output arrives in order.
+//!    with stdin closed (or a pipe from the agent, when the spec asks) and stdout and stderr on
+//!    one pipe, so output arrives in order.
 //! 4. Stream the output; on timeout or cancel, SIGKILL every task of the cgroup and `unshare`.
 //! 5. Read peak memory, CPU time, OOM kills and pids-limit refusals from the cgroup, then remove
 //!    the cgroup, the temp dir and `spec.root`, whatever happened.
@@ -81,6 +82,10 @@ pub struct Spec {
     /// The whole environment; nothing of the agent's leaks in.
     pub env: Vec<(String, String)>,
     pub limits: Limits,
+    /// The command reads a pipe from the agent ([`Process::send`]) on stdin; otherwise stdin
+    /// is closed.
+    #[serde(default)]
+    pub stdin: bool,
 }
 
 /// A mount at `dst`, a path inside the sandbox.
@@ -246,45 +251,153 @@ pub async fn run(
     output: &mut (dyn FnMut(&[u8]) + Send),
     cancel: CancellationToken,
 ) -> Result<Outcome, SandboxError> {
-    validate(spec)?;
-    // Step 3 first half: the spec, root-only. Created before the cgroup so a failure here
-    // leaves nothing behind.
-    // Beside the new root, in the agent's own scratch: cleaned with it after a crash.
-    let parent = spec.root.parent().unwrap_or(Path::new("/tmp"));
-    fs::create_dir_all(parent)?;
-    let workdir = tempfile::Builder::new()
-        .prefix("kiln-sandbox-")
-        .tempdir_in(parent)?;
-    let spec_path = workdir.path().join("spec.json");
-    let mut json = serde_json::to_value(spec).map_err(std::io::Error::from)?;
-    json[PARENT_KEY] = cgroup_parent().into();
-    let json = serde_json::to_vec(&json).map_err(std::io::Error::from)?;
-    fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&spec_path)?
-        .write_all(&json)?;
-    if !spec.root.exists() {
-        fs::create_dir_all(&spec.root)?;
-    }
-    let mut guard = Cleanup {
-        group: None,
-        root: spec.root.clone(),
-        workdir: Some(workdir),
-    };
-    let result = async {
+    let mut process = Process::spawn(exe, spec).await?;
+    let ended = supervise(&mut process, spec.limits.timeout, output, cancel).await;
+    process.finish(ended).await
+}
+
+/// A sandboxed command that is still running: [`run`] waits for one, and a warm build process
+/// (`crate::warm`) lives across builds. Dropping it kills everything in its cgroup and removes
+/// the cgroup and its files; [`Process::stop`] does the same and waits for it.
+pub struct Process {
+    name: String,
+    child: tokio::process::Child,
+    stdin: Option<tokio::process::ChildStdin>,
+    pipe: tokio::net::unix::pipe::Receiver,
+    spec_path: PathBuf,
+    eof: bool,
+    exited: Option<std::process::ExitStatus>,
+    guard: Cleanup,
+}
+
+impl Process {
+    /// Steps 1 to 3: validates `spec`, creates its cgroup and starts `sandbox-init` in it.
+    /// [`Spec::limits`]'s timeout is the caller's to enforce.
+    pub async fn spawn(exe: &Path, spec: &Spec) -> Result<Self, SandboxError> {
+        validate(spec)?;
+        // Step 3 first half: the spec, root-only. Created before the cgroup so a failure here
+        // leaves nothing behind.
+        // Beside the new root, in the agent's own scratch: cleaned with it after a crash.
+        let parent = spec.root.parent().unwrap_or(Path::new("/tmp"));
+        fs::create_dir_all(parent)?;
+        let workdir = tempfile::Builder::new()
+            .prefix("kiln-sandbox-")
+            .tempdir_in(parent)?;
+        let spec_path = workdir.path().join("spec.json");
+        let mut json = serde_json::to_value(spec).map_err(std::io::Error::from)?;
+        json[PARENT_KEY] = cgroup_parent().into();
+        let json = serde_json::to_vec(&json).map_err(std::io::Error::from)?;
+        fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&spec_path)?
+            .write_all(&json)?;
+        if !spec.root.exists() {
+            fs::create_dir_all(&spec.root)?;
+        }
+        let mut guard = Cleanup {
+            group: None,
+            root: spec.root.clone(),
+            workdir: Some(workdir),
+        };
         guard.group = Some(Group::create(cgroup_parent(), &spec.cgroup, &spec.limits)?);
-        let group = guard.group.as_ref().expect("just set");
-        let ended = supervise(exe, spec, &spec_path, group, output, cancel).await?;
-        group.kill_and_wait(CLEANUP_GRACE).await;
-        let stats = group.stats();
-        let report = fs::read_to_string(spec_path.with_file_name(STATUS_FILE)).unwrap_or_default();
-        outcome(ended, &report, stats)
+        let (mut child, pipe) = start(exe, spec, &spec_path)?;
+        Ok(Self {
+            name: spec.cgroup.clone(),
+            stdin: child.stdin.take(),
+            child,
+            pipe,
+            spec_path,
+            eof: false,
+            exited: None,
+            guard,
+        })
     }
-    .await;
-    guard.finish().await;
-    result
+
+    fn group(&self) -> &Group {
+        self.guard.group.as_ref().expect("a process has its cgroup")
+    }
+
+    /// The next output, `None` once the output is closed. Cancellation-safe.
+    pub async fn read(&mut self, buf: &mut [u8]) -> Option<usize> {
+        while !self.eof {
+            match self.pipe.read(buf).await {
+                Ok(0) => self.eof = true,
+                Ok(n) => return Some(n),
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => {
+                    log::warn!("sandbox {}: reading output: {e}", self.name);
+                    self.eof = true;
+                }
+            }
+        }
+        None
+    }
+
+    /// Writes `bytes` to the command's stdin (a spec with [`Spec::stdin`]).
+    pub async fn send(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        use tokio::io::AsyncWriteExt;
+        match &mut self.stdin {
+            Some(w) => w.write_all(bytes).await,
+            None => Err(std::io::Error::new(
+                ErrorKind::BrokenPipe,
+                "the sandbox was started without stdin",
+            )),
+        }
+    }
+
+    /// Waits for `sandbox-init` to exit. Cancellation-safe.
+    pub async fn wait(&mut self) -> std::io::Result<std::process::ExitStatus> {
+        if let Some(s) = self.exited {
+            return Ok(s);
+        }
+        let s = self.child.wait().await?;
+        self.exited = Some(s);
+        Ok(s)
+    }
+
+    /// Whether `sandbox-init` has exited, without waiting.
+    pub fn has_exited(&mut self) -> bool {
+        if self.exited.is_none() {
+            self.exited = self.child.try_wait().ok().flatten();
+        }
+        self.exited.is_some()
+    }
+
+    /// SIGKILLs everything in the cgroup; the process ends soon after.
+    pub fn kill(&mut self) {
+        self.group().kill();
+        let _ = self.child.start_kill();
+    }
+
+    /// What the kernel has counted for the cgroup so far.
+    pub fn stats(&self) -> Stats {
+        self.group().stats()
+    }
+
+    /// Kills everything left and removes the cgroup and the files, waiting for it.
+    pub async fn stop(mut self) {
+        self.kill();
+        self.guard.finish().await;
+    }
+
+    /// After [`supervise`]: the outcome, and step 5.
+    async fn finish(mut self, ended: Result<Ended, SandboxError>) -> Result<Outcome, SandboxError> {
+        let result = match ended {
+            Ok(ended) => {
+                let group = self.group();
+                group.kill_and_wait(CLEANUP_GRACE).await;
+                let stats = group.stats();
+                let report = fs::read_to_string(self.spec_path.with_file_name(STATUS_FILE))
+                    .unwrap_or_default();
+                outcome(ended, &report, stats)
+            }
+            Err(e) => Err(e),
+        };
+        self.guard.finish().await;
+        result
+    }
 }
 
 /// Step 1: refuse specs that cannot be run safely, before touching anything.
@@ -378,19 +491,15 @@ struct Ended {
     killed: Option<Exit>,
 }
 
-/// Step 3 second half and step 4: start `unshare … sandbox-init`, stream its output, enforce the
-/// timeout and the cancel token.
-async fn supervise(
+/// Step 3 second half: starts `unshare … sandbox-init` with its output on our pipe.
+fn start(
     exe: &Path,
     spec: &Spec,
     spec_path: &Path,
-    group: &Group,
-    output: &mut (dyn FnMut(&[u8]) + Send),
-    cancel: CancellationToken,
-) -> Result<Ended, SandboxError> {
+) -> Result<(tokio::process::Child, tokio::net::unix::pipe::Receiver), SandboxError> {
     // One pipe for stdout and stderr, so the output keeps the order it was written in. Our end
     // is non-blocking; the command's end is blocking, as programs expect.
-    let (sender, mut pipe) = tokio::net::unix::pipe::pipe()?;
+    let (sender, pipe) = tokio::net::unix::pipe::pipe()?;
     let writer = sender.into_blocking_fd()?;
     let writer2 = writer.try_clone()?;
     // setpriv's parent-death signal: if the agent dies outright, unshare gets SIGKILL and its
@@ -407,60 +516,73 @@ async fn supervise(
         .arg(spec_path)
         .env_clear()
         .env("PATH", SYSTEM_PATH)
-        .stdin(Stdio::null())
+        .stdin(if spec.stdin {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(writer)
         .stderr(writer2)
         .kill_on_drop(true);
     let spawned = cmd.spawn();
     // The command holds our copies of the pipe's write end: close them, or EOF never comes.
     drop(cmd);
-    let mut child = spawned.map_err(|e| {
+    let child = spawned.map_err(|e| {
         SandboxError::Setup(format!(
             "starting unshare: {e} (install it with: apt-get install util-linux)"
         ))
     })?;
+    Ok((child, pipe))
+}
 
-    let deadline = tokio::time::Instant::now() + spec.limits.timeout;
-    let timer = tokio::time::sleep_until(deadline);
+/// Step 4: streams the output, enforces the timeout and the cancel token, until the process
+/// exited and its output closed.
+async fn supervise(
+    process: &mut Process,
+    timeout: Duration,
+    output: &mut (dyn FnMut(&[u8]) + Send),
+    cancel: CancellationToken,
+) -> Result<Ended, SandboxError> {
+    let timer = tokio::time::sleep(timeout);
     tokio::pin!(timer);
     let mut buf = vec![0u8; 64 * 1024];
     let mut status = None;
-    let mut eof = false;
     let mut killed = None;
     let mut drain_until = None;
-    while status.is_none() || !eof {
+    while status.is_none() || !process.eof {
         let drain = tokio::time::sleep_until(
             drain_until.unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600)),
         );
+        let eof = process.eof;
         // Every branch is cancellation-safe: a pipe read, a child wait, timers and a token.
         tokio::select! {
-            read = pipe.read(&mut buf), if !eof => match read {
-                Ok(0) => eof = true,
+            read = process.pipe.read(&mut buf), if !eof => match read {
+                Ok(0) => process.eof = true,
                 Ok(n) => output(&buf[..n]),
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
                 Err(e) => {
-                    log::warn!("sandbox {}: reading output: {e}", spec.cgroup);
-                    eof = true;
+                    log::warn!("sandbox {}: reading output: {e}", process.name);
+                    process.eof = true;
                 }
             },
-            waited = child.wait(), if status.is_none() => {
-                status = Some(waited?);
+            waited = process.child.wait(), if status.is_none() => {
+                let waited = waited?;
+                process.exited = Some(waited);
+                status = Some(waited);
                 // Init is gone, so its namespace is; anything left in the cgroup goes too.
-                group.kill();
+                process.group().kill();
                 drain_until = Some(tokio::time::Instant::now() + DRAIN_GRACE);
             }
             () = &mut timer, if killed.is_none() && status.is_none() => {
                 killed = Some(Exit::TimedOut);
-                group.kill();
-                let _ = child.start_kill();
+                process.kill();
             }
             () = cancel.cancelled(), if killed.is_none() && status.is_none() => {
                 killed = Some(Exit::Cancelled);
-                group.kill();
-                let _ = child.start_kill();
+                process.kill();
             }
             () = drain, if drain_until.is_some() => {
-                log::warn!("sandbox {}: output still open {DRAIN_GRACE:?} after exit", spec.cgroup);
+                log::warn!("sandbox {}: output still open {DRAIN_GRACE:?} after exit", process.name);
                 break;
             }
         }
@@ -575,11 +697,14 @@ impl Drop for Cleanup {
 
 /// What the kernel counted for a run.
 #[derive(Clone, Copy, Debug, Default)]
-struct Stats {
-    peak_memory_bytes: u64,
-    cpu_time: Duration,
-    pids_limit_hit: bool,
-    oom_kills: u64,
+pub struct Stats {
+    pub peak_memory_bytes: u64,
+    /// Memory the cgroup holds now that the kernel cannot simply drop: anonymous memory and
+    /// tmpfs (not page cache).
+    pub resident_bytes: u64,
+    pub cpu_time: Duration,
+    pub pids_limit_hit: bool,
+    pub oom_kills: u64,
 }
 
 /// `kiln/<name>` in the memory, pids and cpu (and on v1 cpuacct) hierarchies.
@@ -762,10 +887,13 @@ impl Group {
                 stats.peak_memory_bytes = read("memory.peak")
                     .or_else(|| read("memory.current"))
                     .unwrap_or(0);
+                let stat = mem.path().join("memory.stat");
+                stats.resident_bytes = keyed(&stat, "anon") + keyed(&stat, "shmem");
                 stats.oom_kills = keyed(&mem.path().join("memory.events"), "oom_kill");
             } else {
                 let m = mem.memory_stat();
                 stats.peak_memory_bytes = m.max_usage_in_bytes;
+                stats.resident_bytes = m.stat.total_rss + m.stat.total_shmem;
                 stats.oom_kills = m.oom_control.oom_kill;
             }
         }
@@ -877,7 +1005,11 @@ pub fn init_main(spec_path: &std::path::Path) -> i32 {
         .uid(spec.uid)
         .gid(spec.gid)
         .current_dir(&spec.cwd)
-        .stdin(Stdio::null());
+        .stdin(if spec.stdin {
+            Stdio::inherit()
+        } else {
+            Stdio::null()
+        });
     let child = match cmd.spawn().step(|| format!("starting {}", spec.argv[0])) {
         Ok(child) => child,
         Err(e) => return report.setup_failed(e),

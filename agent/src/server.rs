@@ -741,6 +741,11 @@ async fn healthz(State(app): State<App>) -> Response {
 }
 
 async fn metrics(State(app): State<App>) -> Response {
+    let m = &app.agent.metrics;
+    m.warm_live.store(
+        app.agent.warm.live() as u64,
+        std::sync::atomic::Ordering::Relaxed,
+    );
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         app.agent.metrics.render(),

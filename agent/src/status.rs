@@ -88,6 +88,9 @@ pub struct BuildSummary {
     pub commit: Option<String>,
     pub state: State,
     pub engine: Option<String>,
+    /// As [`Status::warm`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warm: Option<String>,
     pub duration_ms: u64,
     pub finished_at_ms: u64,
     pub error: Option<String>,
@@ -130,6 +133,10 @@ pub struct Status {
     pub build: u64,
     /// `project` or `fast`: the Vite that built it; `static` for apps without package.json.
     pub engine: Option<String>,
+    /// How the project's warm process served the build: `started` (its first build),
+    /// `rebuilt` (incremental) or `reused` (nothing changed); absent for a cold build.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warm: Option<String>,
     /// Duration of each finished phase in milliseconds.
     pub phases: BTreeMap<String, u64>,
     /// `ran`, `skipped` (dependencies unchanged) or absent (not reached).
@@ -172,6 +179,7 @@ impl Status {
             commit: None,
             build: 0,
             engine: None,
+            warm: None,
             phases: BTreeMap::new(),
             install: None,
             peak_memory_bytes: 0,
@@ -202,6 +210,7 @@ impl Status {
         self.pinned_url = None;
         self.rollback_from = None;
         self.engine = None;
+        self.warm = None;
         self.phases.clear();
         self.install = None;
         self.peak_memory_bytes = 0;
@@ -225,6 +234,7 @@ impl Status {
                 commit: self.commit.clone(),
                 state,
                 engine: self.engine.clone(),
+                warm: self.warm.clone(),
                 duration_ms: now.saturating_sub(self.started_at_ms.unwrap_or(self.queued_at_ms)),
                 finished_at_ms: now,
                 error: self.error.clone(),

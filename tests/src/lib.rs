@@ -1374,24 +1374,48 @@ fn spawn_agent(dir: &Path, port: u16, args: &[String]) -> Child {
 /// A new repository at `path` holding the Vite + React + TypeScript fixture app
 /// (tests/fixtures/vite-react-ts, with a real pnpm lockfile) committed on `main`.
 pub fn fixture_app(path: &Path) -> Repo {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/vite-react-ts");
+    fixture("vite-react-ts", path)
+}
+
+/// A new repository at `path` holding the app `tests/fixtures/<name>` committed on `main`:
+/// `vite-react-ts` (small) or `generated-app` (~100 files in the style app generators write:
+/// React Router, shadcn/ui, Tailwind, TanStack Query).
+pub fn fixture(name: &str, path: &Path) -> Repo {
     let r = Repo::init(path);
-    copy_dir(&src, path);
+    copy_tree(&fixture_dir(name), path);
     r.git_ok(&["add", "-A"]);
-    r.git_ok(&["commit", "-q", "-m", "fixture app"]);
+    r.git_ok(&["commit", "-q", "-m", &format!("scaffold {name}")]);
     r
 }
 
-fn copy_dir(src: &Path, dst: &Path) {
+pub fn fixture_dir(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures")
+        .join(name)
+}
+
+/// Copies the tree at `src` to `dst`, leaving out `.git`, `node_modules` and `dist`; returns the
+/// number of files copied.
+pub fn copy_tree(src: &Path, dst: &Path) -> usize {
     std::fs::create_dir_all(dst).expect("mkdir");
-    for e in std::fs::read_dir(src).expect("fixture dir").flatten() {
-        let to = dst.join(e.file_name());
+    let mut files = 0;
+    for e in std::fs::read_dir(src)
+        .expect("reading a tree to copy")
+        .flatten()
+    {
+        let name = e.file_name();
+        if [".git", "node_modules", "dist"].iter().any(|n| name == *n) {
+            continue;
+        }
+        let to = dst.join(&name);
         if e.file_type().expect("file type").is_dir() {
-            copy_dir(&e.path(), &to);
+            files += copy_tree(&e.path(), &to);
         } else {
-            std::fs::copy(e.path(), &to).expect("copy fixture file");
+            std::fs::copy(e.path(), &to).expect("copying a file");
+            files += 1;
         }
     }
+    files
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -388,7 +388,7 @@ fn a_project_can_pin_its_own_vite_and_fast_failures_fall_back_to_it() {
     let app2 = fixture_app(&tmp.path().join("app2"));
     app2.commit_file(
         "vite.config.ts",
-        "import { defineConfig } from 'vite'\nimport react from '@vitejs/plugin-react'\nif (process.argv[1].includes('kiln-engine')) throw new Error('kiln-test: not on this Vite')\nexport default defineConfig({ plugins: [react()] })\n",
+        "import { defineConfig } from 'vite'\nimport react from '@vitejs/plugin-react'\nif (process.argv.some(a => a.includes('kiln-engine'))) throw new Error('kiln-test: not on this Vite')\nexport default defineConfig({ plugins: [react()] })\n",
     );
     stack.push(&app2, "fallback");
     let st = stack.wait_settled("fallback", &app2.head(), COLD);

@@ -71,6 +71,7 @@ impl Case {
                 cpus: 1.0,
                 timeout: Duration::from_secs(60),
             },
+            stdin: false,
         };
         Self { dir, spec }
     }
