@@ -275,13 +275,17 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
     // publishing run) is the agent's liveness.
     systemd::spawn_watchdog(|| true);
     let (stopping, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = axum::serve(listener, agent::server::router(agent.clone()))
-        .with_graceful_shutdown(async move {
+    let server = gitstore::http::serve(
+        listener,
+        agent::server::router(agent.clone()),
+        gitstore::http::Timeouts::default(),
+        async move {
             systemd::stop_requested().await;
             log::info!("stopping: no new requests, then running builds get {build_grace:?}");
             systemd::notify_status("stopping: finishing requests and running builds");
             let _ = stopping.send(());
-        });
+        },
+    );
     // `/logs?follow=1` streams last as long as a build: they must not hold the builds' grace.
     let drain_deadline = async move {
         match stopped.await {
@@ -290,7 +294,7 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         }
     };
     tokio::select! {
-        served = std::future::IntoFuture::into_future(server) => served?,
+        served = server => served?,
         () = drain_deadline => log::info!("stopping: dropping HTTP connections still open after {HTTP_DRAIN:?}"),
     }
     agent.shutdown(build_grace).await;

@@ -14,7 +14,8 @@
 //! a project's builds), `auth`
 //! (clients, tokens, ownership), `notify` (where a client wants build notifications, read by
 //! agents), `path_policy` (what is safe to check out), `webhook`, `systemd`
-//! (readiness and watchdog for both daemons' units) and `logging` (journald fields).
+//! (readiness and watchdog for both daemons' units), `http` (serving with header and body
+//! deadlines, for both daemons) and `logging` (journald fields).
 
 pub mod auth;
 pub mod blob;
@@ -24,6 +25,7 @@ mod catalog;
 mod commits;
 pub mod compact;
 mod git;
+pub mod http;
 pub mod logging;
 pub mod manifest;
 mod metrics;

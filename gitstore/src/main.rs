@@ -5,7 +5,6 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use std::future::IntoFuture;
 use std::time::Duration;
 
 use gitstore::compact::CompactOptions;
@@ -153,14 +152,17 @@ async fn serve(cfg: server::Config, drain: Duration) -> anyhow::Result<()> {
     gitstore::systemd::spawn_watchdog(|| true);
 
     let (stopping, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = axum::serve(listener, server::router(app))
-        .with_graceful_shutdown(async move {
+    let server = gitstore::http::serve(
+        listener,
+        server::router(app),
+        gitstore::http::Timeouts::default(),
+        async move {
             gitstore::systemd::stop_requested().await;
             log::info!(drain_secs = drain.as_secs(); "stopping: no new connections, finishing requests in flight");
             gitstore::systemd::notify_status("stopping: finishing requests in flight");
             let _ = stopping.send(());
-        })
-        .into_future();
+        },
+    );
     let deadline = async move {
         match stopped.await {
             Ok(()) => tokio::time::sleep(drain).await,

@@ -199,13 +199,17 @@ pub async fn serve(cfg: Config) -> Result<(), ServeError> {
         app.0.store.url(),
         app.0.cfg.data_dir.display()
     );
-    axum::serve(listener, router(app))
-        .with_graceful_shutdown(shutdown_signal())
-        .await
-        .map_err(|source| ServeError::Io {
-            what: "serving".into(),
-            source,
-        })
+    crate::http::serve(
+        listener,
+        router(app),
+        crate::http::Timeouts::default(),
+        shutdown_signal(),
+    )
+    .await
+    .map_err(|source| ServeError::Io {
+        what: "serving".into(),
+        source,
+    })
 }
 
 async fn shutdown_signal() {

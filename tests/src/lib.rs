@@ -1278,6 +1278,17 @@ impl Stack {
         self.agent_http("GET", &format!("/logs/{project}")).body
     }
 
+    /// Every asset named `*.<ext>` (`js`, `css`) of `project`'s current build, concatenated.
+    pub fn published_assets(&self, project: &str, ext: &str) -> String {
+        let assets = self.publish_dir().join(project).join("current/assets");
+        std::fs::read_dir(&assets)
+            .unwrap_or_else(|e| panic!("{}: {e}", assets.display()))
+            .flatten()
+            .filter(|e| e.path().extension().is_some_and(|x| x == ext))
+            .map(|e| std::fs::read_to_string(e.path()).expect("a published asset"))
+            .collect()
+    }
+
     /// The published file `rel` of `project`'s current build.
     pub fn published(&self, project: &str, rel: &str) -> Option<String> {
         std::fs::read_to_string(self.publish_dir().join(project).join("current").join(rel)).ok()

@@ -8,20 +8,6 @@ use kiln_tests::*;
 const COLD: Duration = Duration::from_secs(300);
 const WARM: Duration = Duration::from_secs(120);
 
-fn js_bundle(stack: &Stack, project: &str) -> String {
-    let assets = stack.publish_dir().join(project).join("current/assets");
-    let mut out = String::new();
-    for e in std::fs::read_dir(&assets)
-        .expect("published assets")
-        .flatten()
-    {
-        if e.path().extension().is_some_and(|x| x == "js") {
-            out.push_str(&std::fs::read_to_string(e.path()).unwrap());
-        }
-    }
-    out
-}
-
 #[test]
 fn push_builds_a_preview_and_a_one_file_change_skips_install() {
     let stack = Stack::start();
@@ -51,7 +37,7 @@ fn push_builds_a_preview_and_a_one_file_change_skips_install() {
         index.contains("/shop/assets/"),
         "base path not applied: {index}"
     );
-    assert!(js_bundle(&stack, "shop").contains("first text"));
+    assert!(stack.published_assets("shop", "js").contains("first text"));
     assert!(
         stack
             .publish_dir()
@@ -68,7 +54,7 @@ fn push_builds_a_preview_and_a_one_file_change_skips_install() {
     assert_eq!(st["state"], "ready", "{st:#}");
     assert_eq!(st["install"], "skipped", "{st:#}");
     assert!(st["phases"].get("install").is_none(), "{st:#}");
-    let bundle = js_bundle(&stack, "shop");
+    let bundle = stack.published_assets("shop", "js");
     assert!(bundle.contains("second text") && !bundle.contains("first text"));
     let log = stack.build_log("shop");
     assert!(log.contains("checkout: 1 written, 0 deleted"), "{log}");
@@ -101,7 +87,9 @@ fn a_broken_change_fails_with_the_compilers_error_and_keeps_the_last_good_build(
         "the compiler's error is in the log: {log}"
     );
     assert!(
-        js_bundle(&stack, "broken").contains("first text"),
+        stack
+            .published_assets("broken", "js")
+            .contains("first text"),
         "the previous build stays published"
     );
     // The preview URL says the build failed, with the compiler's message, instead of silently
@@ -124,7 +112,9 @@ fn a_broken_change_fails_with_the_compilers_error_and_keeps_the_last_good_build(
         !page_path.exists(),
         "the failure page is gone once a build is ready"
     );
-    assert!(js_bundle(&stack, "broken").contains("fixed text"));
+    assert!(stack
+        .published_assets("broken", "js")
+        .contains("fixed text"));
 }
 
 #[test]
@@ -149,7 +139,9 @@ fn a_dependency_change_installs_again() {
     let st = stack.wait_settled("deps", &app.head(), COLD);
     assert_eq!(st["state"], "ready", "{st:#}");
     assert_eq!(st["install"], "ran", "{st:#}");
-    assert!(js_bundle(&stack, "deps").contains("kiln-dep-marker"));
+    assert!(stack
+        .published_assets("deps", "js")
+        .contains("kiln-dep-marker"));
 }
 
 #[test]
@@ -330,7 +322,7 @@ fn contains_a_build_that_overwrites_a_shared_node_modules_file() {
     stack.push(&victim, "victim");
     let st = stack.wait_settled("victim", &victim.head(), WARM);
     assert_eq!(st["state"], "ready", "{st:#}");
-    let bundle = js_bundle(&stack, "victim");
+    let bundle = stack.published_assets("victim", "js");
     assert!(bundle.contains("victim rebuilt"));
     assert!(
         !bundle.contains("kiln-poisoned"),

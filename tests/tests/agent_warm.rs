@@ -9,21 +9,6 @@ use kiln_tests::*;
 const COLD: Duration = Duration::from_secs(300);
 const WARM: Duration = Duration::from_secs(120);
 
-/// The text of every published JS (or CSS) asset of the current build.
-fn bundle(stack: &Stack, project: &str, ext: &str) -> String {
-    let assets = stack.publish_dir().join(project).join("current/assets");
-    let mut out = String::new();
-    for e in std::fs::read_dir(&assets)
-        .expect("published assets")
-        .flatten()
-    {
-        if e.path().extension().is_some_and(|x| x == ext) {
-            out.push_str(&std::fs::read_to_string(e.path()).unwrap());
-        }
-    }
-    out
-}
-
 fn set_text(app: &Repo, text: &str) -> String {
     app.commit_file(
         "src/text.ts",
@@ -78,7 +63,7 @@ fn a_one_file_change_is_rebuilt_by_the_warm_process_and_published_whole() {
         assert_eq!(st["warm"], "rebuilt", "change {i}: {st:#}");
         assert_eq!(st["install"], "skipped", "{st:#}");
         assert_eq!(st["last_good"]["commit"], c.as_str());
-        let js = bundle(&stack, "shop", "js");
+        let js = stack.published_assets("shop", "js");
         assert!(
             js.contains(text) && !js.contains("first text"),
             "change {i}: the published bundle is the new build only"
@@ -139,7 +124,9 @@ fn added_deleted_and_config_changes_restart_the_warm_process_and_build_exactly()
         log.contains("warm process restarted: files were added (src/components/Badge.tsx)"),
         "{log}"
     );
-    assert!(bundle(&stack, "grow", "js").contains("badge from a new file"));
+    assert!(stack
+        .published_assets("grow", "js")
+        .contains("badge from a new file"));
 
     // The config is not a module: a change to it needs a new process too.
     let config = std::fs::read_to_string(tmp.path().join("app/vite.config.ts")).unwrap();
@@ -161,7 +148,9 @@ fn added_deleted_and_config_changes_restart_the_warm_process_and_build_exactly()
     assert!(stack
         .build_log("grow")
         .contains("did not read vite.config.ts"));
-    assert!(bundle(&stack, "grow", "js").contains("flag from the config"));
+    assert!(stack
+        .published_assets("grow", "js")
+        .contains("flag from the config"));
 
     // Deleting the component again (and its import).
     app.git_ok(&["rm", "-q", "src/components/Badge.tsx"]);
@@ -175,7 +164,9 @@ fn added_deleted_and_config_changes_restart_the_warm_process_and_build_exactly()
     assert_eq!(st["state"], "ready", "{st:#}");
     assert_eq!(st["warm"], "started", "{st:#}");
     assert!(stack.build_log("grow").contains("files were deleted"));
-    assert!(!bundle(&stack, "grow", "js").contains("badge from a new file"));
+    assert!(!stack
+        .published_assets("grow", "js")
+        .contains("badge from a new file"));
     assert_eq!(warm_processes(&stack), 1, "the old processes are gone");
 }
 
@@ -198,14 +189,14 @@ fn a_broken_change_fails_with_the_error_and_the_fix_is_served() {
         "the error names the file: {error}"
     );
     assert_eq!(st["last_good"]["commit"], good.as_str(), "{st:#}");
-    assert!(bundle(&stack, "oops", "js").contains("first text"));
+    assert!(stack.published_assets("oops", "js").contains("first text"));
 
     let fixed = set_text(&app, "fixed text");
     stack.push(&app, "oops");
     let st = stack.wait_settled("oops", &fixed, WARM);
     assert_eq!(st["state"], "ready", "{st:#}");
     assert_eq!(st["last_good"]["commit"], fixed.as_str());
-    let js = bundle(&stack, "oops", "js");
+    let js = stack.published_assets("oops", "js");
     assert!(js.contains("fixed text") && !js.contains("first text"));
 }
 
@@ -233,7 +224,9 @@ fn the_warm_processes_are_capped_least_recently_used_first() {
         st["warm"], "started",
         "its process was the one stopped: {st:#}"
     );
-    assert!(bundle(&stack, "first", "js").contains("back to the first"));
+    assert!(stack
+        .published_assets("first", "js")
+        .contains("back to the first"));
     assert_eq!(warm_processes(&stack), 1);
 }
 
@@ -262,7 +255,7 @@ fn idle_warm_processes_stop_and_warm_max_zero_builds_cold() {
     assert_eq!(st["state"], "ready", "{st:#}");
     assert!(st.get("warm").is_none(), "{st:#}");
     assert_eq!(warm_processes(&cold), 0);
-    assert!(bundle(&cold, "cold", "js").contains("after idling"));
+    assert!(cold.published_assets("cold", "js").contains("after idling"));
 }
 
 #[test]
@@ -330,7 +323,9 @@ fn cancel_kills_a_warm_rebuild_with_its_process_and_the_next_push_builds() {
     let st = stack.wait_settled("stop", &next, WARM);
     assert_eq!(st["state"], "ready", "{st:#}");
     assert_eq!(st["warm"], "started", "{st:#}");
-    assert!(bundle(&stack, "stop", "js").contains("after the cancel"));
+    assert!(stack
+        .published_assets("stop", "js")
+        .contains("after the cancel"));
 }
 
 #[test]
@@ -343,7 +338,7 @@ fn tailwind_classes_new_in_a_change_are_in_the_rebuilt_css_of_a_generated_app() 
     assert_eq!(st["state"], "ready", "{st:#}");
     let footer = "src/components/layout/site-footer.tsx";
     let text = std::fs::read_to_string(tmp.path().join("app").join(footer)).unwrap();
-    assert!(!bundle(&stack, "gen", "css").contains("0\\.123em"));
+    assert!(!stack.published_assets("gen", "css").contains("0\\.123em"));
     app.commit_file(
         footer,
         text.replace("<span>", "<span className=\"tracking-[0.123em]\">"),
@@ -352,12 +347,14 @@ fn tailwind_classes_new_in_a_change_are_in_the_rebuilt_css_of_a_generated_app() 
     let st = stack.wait_settled("gen", &app.head(), WARM);
     assert_eq!(st["state"], "ready", "{st:#}");
     assert_eq!(st["warm"], "rebuilt", "{st:#}");
-    let css = bundle(&stack, "gen", "css");
+    let css = stack.published_assets("gen", "css");
     assert!(
         css.contains("tracking-\\[0\\.123em\\]"),
         "Tailwind generated the class the change uses"
     );
-    assert!(bundle(&stack, "gen", "js").contains("tracking-[0.123em]"));
+    assert!(stack
+        .published_assets("gen", "js")
+        .contains("tracking-[0.123em]"));
 }
 
 #[test]
@@ -390,7 +387,7 @@ fn hostile_warm_process_cannot_write_the_checkout() {
     assert!(!worktree.join("pwned").exists());
     let text = std::fs::read_to_string(worktree.join("src/text.ts")).unwrap();
     assert!(!text.contains("pwned"), "{text}");
-    assert!(!bundle(&stack, "tamper", "js").contains("pwned"));
+    assert!(!stack.published_assets("tamper", "js").contains("pwned"));
 }
 
 #[test]
@@ -424,5 +421,7 @@ fn hostile_background_work_left_running_in_a_warm_process_is_stopped() {
             && log.contains("something the project started keeps running"),
         "{log}"
     );
-    assert!(bundle(&stack, "miner", "js").contains("after the miner"));
+    assert!(stack
+        .published_assets("miner", "js")
+        .contains("after the miner"));
 }

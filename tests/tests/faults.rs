@@ -215,7 +215,7 @@ fn agent_killed_at_random_points_of_builds_serves_whole_builds_and_builds_again(
             stack.build_log("crashy")
         );
         assert!(
-            published_js(&stack, "crashy").contains(&text),
+            stack.published_assets("crashy", "js").contains(&text),
             "iteration {i}: the rebuilt preview does not show {text}"
         );
         assert_whole_build_served(&stack, "crashy", i);
@@ -257,14 +257,4 @@ fn assert_whole_build_served(stack: &Stack, project: &str, iteration: usize) {
             "iteration {iteration}: {project}'s served index.html names assets/{name}, which is missing"
         );
     }
-}
-
-fn published_js(stack: &Stack, project: &str) -> String {
-    let assets = stack.publish_dir().join(project).join("current/assets");
-    std::fs::read_dir(assets)
-        .unwrap()
-        .flatten()
-        .filter(|e| e.path().extension().is_some_and(|x| x == "js"))
-        .map(|e| std::fs::read_to_string(e.path()).unwrap())
-        .collect()
 }
