@@ -27,6 +27,8 @@ pub struct Config {
     pub sandbox_uid: u32,
     pub sandbox_gid: u32,
     pub memory_bytes: u64,
+    /// What a build may write outside its /tmp (overlay upper and `/out`), on a tmpfs.
+    pub disk_bytes: u64,
     pub pids: u64,
     pub cpus: f64,
     pub install_timeout: Duration,
@@ -240,6 +242,7 @@ pub(crate) fn test_config(preview_url: &str) -> Config {
         sandbox_uid: 1,
         sandbox_gid: 1,
         memory_bytes: 1,
+        disk_bytes: 1,
         pids: 1,
         cpus: 1.0,
         install_timeout: Duration::ZERO,

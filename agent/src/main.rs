@@ -71,6 +71,10 @@ struct ServeArgs {
     sandbox_user: String,
     #[arg(long, env = "KILN_BUILD_MEMORY_MB")]
     memory_mb: Option<u64>,
+    /// What a build may write outside its /tmp (its changes to the project and its output), on
+    /// a tmpfs charged to its memory (default: half the build memory).
+    #[arg(long, env = "KILN_BUILD_DISK_MB")]
+    build_disk_mb: Option<u64>,
     #[arg(long, env = "KILN_BUILD_PIDS", default_value_t = 1024)]
     pids: u64,
     #[arg(long, env = "KILN_BUILD_CPUS")]
@@ -146,6 +150,9 @@ fn main() -> anyhow::Result<()> {
     match cli.cmd {
         Cmd::SandboxInit { spec } => std::process::exit(agent::sandbox::init_main(&spec)),
         Cmd::Serve(a) => {
+            // Before any thread starts (see its docs).
+            agent::sandbox::own_mount_namespace()
+                .context("the agent needs root to mount its build scratch space")?;
             gitstore::logging::init("kiln-agent");
             tokio::runtime::Runtime::new()?.block_on(serve(*a))
         }
@@ -194,6 +201,7 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         sandbox_uid: uid,
         sandbox_gid: gid,
         memory_bytes,
+        disk_bytes: a.build_disk_mb.map(|m| m << 20).unwrap_or(memory_bytes / 2),
         pids: a.pids,
         cpus: a.cpus.unwrap_or_else(Config::default_cpus),
         install_timeout: Duration::from_secs(a.install_timeout_secs),
@@ -230,7 +238,7 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
     let exe = std::env::current_exe().context("finding the agent binary")?;
     log::info!(
         listen:% = a.listen, store = store.url(), concurrency = cfg.concurrency,
-        memory_mb = cfg.memory_bytes >> 20, cpus = cfg.cpus, keep_builds = cfg.keep_builds,
+        memory_mb = cfg.memory_bytes >> 20, disk_mb = cfg.disk_bytes >> 20, cpus = cfg.cpus, keep_builds = cfg.keep_builds,
         keep_builds_secs = cfg.keep_builds_for.as_secs(), disk_high_water = cfg.disk_high_water,
         disk_low_water = cfg.disk_low_water, quota_builds_per_hour = cfg.quota_builds_per_hour,
         quota_concurrent_builds = cfg.quota_concurrent_builds, warm_max = cfg.warm_max,

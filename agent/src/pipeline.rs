@@ -234,7 +234,10 @@ async fn steps(
 
     let scratch = agent.scratch_dir(project, build);
     let _ = std::fs::remove_dir_all(&scratch);
-    std::fs::create_dir_all(&scratch).map_err(|e| Failure::failed(format!("scratch dir: {e}")))?;
+    // Until the end of the build: publishing reads the output from it. `run` removes the
+    // directory once this is unmounted.
+    let _scratch_fs = sandbox::ScratchFs::mount(&scratch, agent.cfg.disk_bytes)
+        .map_err(|e| Failure::failed(format!("scratch dir: {e}")))?;
 
     let built = if !files.contains_key("package.json") {
         // A static site: nothing to install or build.

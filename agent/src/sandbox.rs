@@ -1382,6 +1382,60 @@ fn mount_point(root: &Path, dst: &Path, file: bool) -> Step<PathBuf> {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Scratch space: what a build may write outside its /tmp
+// ---------------------------------------------------------------------------------------------
+
+/// Gives the agent a mount namespace of its own, so that the scratch filesystems it mounts
+/// ([`ScratchFs`]) go away with it however it ends (a crash included) and never show on the
+/// host. Host mounts still reach it (slave propagation). Call first thing in `main`: mount
+/// namespaces are per thread, so every thread must be started after this.
+pub fn own_mount_namespace() -> Result<(), SandboxError> {
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)
+        .map_err(|e| SandboxError::Setup(format!("unshare(CLONE_NEWNS): {e}")))?;
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_SLAVE,
+        None::<&str>,
+    )
+    .map_err(|e| SandboxError::Setup(format!("making / a slave mount: {e}")))
+}
+
+/// A tmpfs of `size_bytes` at `path` on the agent's side, for a build's writable dirs (overlay
+/// upper, `/out`, a warm process's copy of the project): a build that fills it gets ENOSPC, not
+/// the host's disk, and its pages count against the memory cgroup of the build that wrote them.
+/// Unmounted on drop.
+pub struct ScratchFs {
+    path: PathBuf,
+}
+
+impl ScratchFs {
+    pub fn mount(path: &Path, size_bytes: u64) -> Result<Self, SandboxError> {
+        fs::create_dir_all(path)?;
+        mount(
+            Some("tmpfs"),
+            path,
+            Some("tmpfs"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            Some(format!("mode=0755,size={size_bytes}").as_str()),
+        )
+        .map_err(|e| SandboxError::Setup(format!("mounting a tmpfs at {}: {e}", path.display())))?;
+        Ok(Self {
+            path: path.to_owned(),
+        })
+    }
+}
+
+impl Drop for ScratchFs {
+    fn drop(&mut self) {
+        if let Err(e) = umount2(&self.path, MntFlags::MNT_DETACH) {
+            log::warn!("sandbox: unmounting {}: {e}", self.path.display());
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Host check
 // ---------------------------------------------------------------------------------------------
 

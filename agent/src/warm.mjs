@@ -9,50 +9,23 @@
 // be copied from <src> into <root>:
 //   {"cmd":"apply","files":[<paths relative to root>]}
 // Everything Vite and the project's plugins print goes to stdout and stderr as usual; events for
-// the agent are single lines `\x1ekiln:<json>` on stdout:
-//   {"ev":"applied","files":{<path>:<inode written, as a decimal string>}} or {"ev":"applied","error":<text>}
-//   {"ev":"change","id":<path relative to root>,"ino":<inode as a decimal string, "" if gone>}
-//   {"ev":"start"}
+// the agent are single lines `\x1ekiln:<json>` on stdout, in the order this (single) JavaScript
+// thread saw them:
+//   {"ev":"applied"} or {"ev":"applied","error":<text>}   the files are written
+//   {"ev":"change","id":<path relative to root>}            the bundler's watchChange hook
+//   {"ev":"start"}                                          its buildStart hook
 //   {"ev":"error","message":<text>}
 //   {"ev":"end","ms":<ms since start>,"files":[<paths the build read, relative to root>]}
-// A change is reported after the file was looked at, with the inode it has then: the agent counts
-// a change as seen only when the inode is the one written for it.
-import {
-  chmodSync,
-  copyFileSync,
-  lstatSync,
-  mkdirSync,
-  readlinkSync,
-  renameSync,
-  rmSync,
-  statSync,
-  symlinkSync,
-} from 'node:fs';
+// Both hooks are awaited by the bundler, and the copy runs on this thread in one go: a build
+// whose start comes after "applied", and after a change of each file, read what was written.
+import { chmodSync, lstatSync, mkdirSync, readFileSync, readlinkSync, renameSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
 import { basename, dirname, join, relative, sep } from 'node:path';
 import { createInterface } from 'node:readline';
 import { pathToFileURL } from 'node:url';
 
 const [viteDir, root, base, outDir, src] = process.argv.slice(2);
 const emit = (event) => process.stdout.write('\x1ekiln:' + JSON.stringify(event) + '\n');
-
-// The files the last build read: module ids and, where the bundler has them, watched files (a
-// CSS file's Tailwind content, say). Only these can be rebuilt incrementally by the agent.
-let files = new Set();
-const inputs = {
-  name: 'kiln-inputs',
-  enforce: 'post',
-  buildEnd() {
-    const seen = new Set();
-    const add = (id) => {
-      if (typeof id !== 'string' || !id.startsWith(root + sep)) return;
-      const rel = relative(root, id.split('?')[0]);
-      if (!rel.startsWith('node_modules' + sep)) seen.add(rel);
-    };
-    for (const id of this.getModuleIds?.() ?? []) add(id);
-    for (const id of this.getWatchFiles?.() ?? []) add(id);
-    files = seen;
-  },
-};
+const rel = (id) => relative(root, id.split('?')[0]);
 
 let started = Date.now();
 let running = false;
@@ -64,26 +37,50 @@ const start = () => {
   }
 };
 
-// Each file by rename, so the watcher sees one new file, never a half-written one.
-const apply = (files) => {
-  const written = {};
-  for (const rel of files) {
-    const from = join(src, rel);
-    const to = join(root, rel);
-    const tmp = join(dirname(to), '.kiln-warm-' + basename(to));
+// The files the last build read: module ids and, where the bundler has them, watched files (a
+// CSS file's Tailwind content, say). Only these can be rebuilt incrementally by the agent.
+let files = new Set();
+const inputs = {
+  name: 'kiln-inputs',
+  enforce: 'post',
+  buildStart() {
+    start();
+  },
+  watchChange(id) {
+    emit({ ev: 'change', id: rel(id) });
+  },
+  buildEnd() {
+    const seen = new Set();
+    const add = (id) => {
+      if (typeof id !== 'string' || !id.startsWith(root + sep)) return;
+      const r = rel(id);
+      if (!r.startsWith('node_modules' + sep)) seen.add(r);
+    };
+    for (const id of this.getModuleIds?.() ?? []) add(id);
+    for (const id of this.getWatchFiles?.() ?? []) add(id);
+    files = seen;
+  },
+};
+
+// In place: Rollup's chokidar (Vite 5) stops watching a file that was replaced by a rename.
+// A build running meanwhile may read a file half written; it started before "applied", so the
+// agent does not take it.
+const apply = (paths) => {
+  for (const p of paths) {
+    const from = join(src, p);
+    const to = join(root, p);
     mkdirSync(dirname(to), { recursive: true });
-    rmSync(tmp, { force: true });
     const st = lstatSync(from);
     if (st.isSymbolicLink()) {
+      const tmp = join(dirname(to), '.kiln-warm-' + basename(to));
+      rmSync(tmp, { force: true });
       symlinkSync(readlinkSync(from), tmp);
+      renameSync(tmp, to);
     } else {
-      copyFileSync(from, tmp);
-      chmodSync(tmp, st.mode & 0o777);
+      writeFileSync(to, readFileSync(from));
+      chmodSync(to, st.mode & 0o777);
     }
-    renameSync(tmp, to);
-    written[rel] = lstatSync(to, { bigint: true }).ino.toString();
   }
-  return written;
 };
 createInterface({ input: process.stdin }).on('line', (line) => {
   let req;
@@ -94,25 +91,26 @@ createInterface({ input: process.stdin }).on('line', (line) => {
   }
   if (req?.cmd !== 'apply' || !Array.isArray(req.files)) return;
   try {
-    emit({ ev: 'applied', files: apply(req.files) });
+    apply(req.files);
+    emit({ ev: 'applied' });
   } catch (err) {
     emit({ ev: 'applied', error: String(err?.message ?? err) });
   }
 });
 
-const failed = (err) => {
-  start();
-  console.error(describe(err));
-  emit({ ev: 'error', message: describe(err) });
-  emit({ ev: 'end', ms: Date.now() - started, files: [] });
-  process.exit(1);
-};
 const describe = (err = {}) => {
   const where = err.loc ? `${err.loc.file ?? err.id ?? ''}:${err.loc.line}:${err.loc.column}` : err.id ?? '';
   const text = [err.plugin ? `[${err.plugin}] ${err.message}` : String(err.message ?? err), where, err.frame]
     .filter(Boolean)
     .join('\n');
   return text.slice(0, 4000);
+};
+const failed = (err) => {
+  start();
+  console.error(describe(err));
+  emit({ ev: 'error', message: describe(err) });
+  emit({ ev: 'end', ms: Date.now() - started, files: [] });
+  process.exit(1);
 };
 
 // A config that does not load, or a Vite without this API, fails the first build.
@@ -129,18 +127,8 @@ try {
   failed(err);
 }
 if (typeof watcher?.on !== 'function') failed(new Error('vite build --watch did not return a watcher'));
-watcher.on('change', (id) => {
-  let ino = '';
-  try {
-    ino = statSync(id, { bigint: true }).ino.toString();
-  } catch {}
-  emit({ ev: 'change', id: relative(root, id), ino });
-});
 watcher.on('event', (e) => {
   switch (e.code) {
-    case 'START':
-      start();
-      break;
     case 'ERROR':
       start();
       emit({ ev: 'error', message: describe(e.error) });

@@ -5,10 +5,11 @@
 //! A warm process (`warm.mjs`, driving Vite's own `build()` in watch mode) sees the project's
 //! worktree read-only at `/app`, its node_modules through an overlay (Vite writes its caches
 //! there; the shared store's files never change), and writes to its own `/out`, without network.
-//! The checkout writes changed files into the worktree by rename; the watcher notices each one,
-//! rebuilds, and reports on stdout (see `warm.mjs`). A build waits for a rebuild that started
-//! after the watcher saw every file it wrote, each with the inode it wrote (a stale report of the
-//! same path never counts), and publishes the output as any build's.
+//! A build has the driver copy the files its checkout changed into the process's own copy of the
+//! project; the bundler notices each one, rebuilds, and the driver reports on stdout (see
+//! `warm.mjs`). The build waits for a rebuild whose start (the bundler's `buildStart` hook)
+//! came after the copy and after a change of every file copied (its `watchChange` hook), all
+//! seen in order on the driver's one JavaScript thread, and publishes its output as any build's.
 //!
 //! A rebuild is only trusted where watch mode is exact: files changed in place that the last
 //! build read. Added or deleted files, a config or dependency change, another engine or base, a
@@ -77,6 +78,8 @@ impl Drop for Ticket {
 pub(crate) struct Watcher {
     key: Key,
     process: sandbox::Process,
+    /// What `process` writes to; unmounted after it is gone (fields drop in order).
+    _scratch: sandbox::ScratchFs,
     out: PathBuf,
     /// The tree its copy of the project holds (the worktree's, as of its last request).
     tree: String,
@@ -108,23 +111,11 @@ pub(crate) enum End {
 #[derive(Deserialize)]
 #[serde(tag = "ev", rename_all = "lowercase")]
 enum Event {
-    Applied {
-        #[serde(default)]
-        files: HashMap<String, String>,
-        error: Option<String>,
-    },
-    Change {
-        id: String,
-        ino: String,
-    },
+    Applied { error: Option<String> },
+    Change { id: String },
     Start,
-    Error {
-        message: String,
-    },
-    End {
-        ms: u64,
-        files: Vec<String>,
-    },
+    Error { message: String },
+    End { ms: u64, files: Vec<String> },
 }
 
 impl Warm {
@@ -299,9 +290,16 @@ impl Watcher {
             dir.join("work"),
         );
         let driver = dir.join("warm.mjs");
+        if dir.exists() {
+            let d = dir.clone();
+            tokio::task::spawn_blocking(move || std::fs::remove_dir_all(d))
+                .await
+                .expect("warm dir task")
+                .map_err(|e| format!("clearing the warm dir: {e}"))?;
+        }
+        let scratch = sandbox::ScratchFs::mount(&dir, cfg.disk_bytes).map_err(|e| e.to_string())?;
         {
-            let (dir, app, out, upper, work, driver, worktree) = (
-                dir.clone(),
+            let (app, out, upper, work, driver, worktree) = (
                 app.clone(),
                 out.clone(),
                 upper.clone(),
@@ -311,9 +309,6 @@ impl Watcher {
             );
             tokio::task::spawn_blocking(move || {
                 let err = |what: &str, e: std::io::Error| format!("{what}: {e}");
-                if dir.exists() {
-                    std::fs::remove_dir_all(&dir).map_err(|e| err("clearing the warm dir", e))?;
-                }
                 make_owned_dir(&out, uid, gid, 0o755).map_err(|e| err("creating /out", e))?;
                 make_owned_dir(&upper, uid, gid, 0o755)
                     .map_err(|e| err("creating the overlay", e))?;
@@ -405,6 +400,7 @@ impl Watcher {
         Ok(Self {
             key,
             process,
+            _scratch: scratch,
             out,
             tree: tree.to_owned(),
             files: HashSet::new(),
@@ -450,9 +446,9 @@ impl Watcher {
     }
 
     /// Has the process copy `changed` from the checkout into its tree, then waits for the
-    /// build that includes every one of them (a rebuild that started after the watcher saw
-    /// each with the inode it was written as); with nothing `changed`, for the first build of a
-    /// new process. Output goes to `output`; events are read off it.
+    /// build that includes every one of them (one that started after the copy and after the
+    /// bundler reported a change of each); with nothing `changed`, for the first build of a new
+    /// process. Output goes to `output`; events are read off it.
     async fn wait(
         &mut self,
         changed: &[String],
@@ -463,10 +459,8 @@ impl Watcher {
         let deadline = tokio::time::Instant::now() + timeout;
         let first = changed.is_empty();
         let mut applied = first;
-        let mut need: HashMap<String, String> = HashMap::new();
-        // Changes reported before the process said what it wrote (it writes, then says so,
-        // but the watcher may speak in between).
-        let mut seen: HashSet<(String, String)> = HashSet::new();
+        // The changed files the bundler has not reported a change of since they were written.
+        let mut need: HashSet<&str> = changed.iter().map(String::as_str).collect();
         if !first {
             let mut line = serde_json::to_vec(&serde_json::json!({
                 "cmd": "apply",
@@ -509,7 +503,7 @@ impl Watcher {
                     } else if need.is_empty() {
                         "start a build".to_owned()
                     } else {
-                        let mut paths: Vec<&String> = need.keys().collect();
+                        let mut paths: Vec<&&str> = need.iter().collect();
                         paths.sort();
                         format!("notice the change to {}", paths[0])
                     };
@@ -527,27 +521,14 @@ impl Watcher {
             for ev in events {
                 heard = tokio::time::Instant::now();
                 match ev {
-                    Event::Applied { error: Some(e), .. } => {
+                    Event::Applied { error: Some(e) } => {
                         return End::Lost(format!("it could not copy the changed files: {e}"));
                     }
-                    Event::Applied { files, .. } => {
+                    Event::Applied { error: None } => applied = true,
+                    // A change reported before "applied" was of an older write.
+                    Event::Change { id } => {
                         if applied {
-                            continue;
-                        }
-                        applied = true;
-                        need = files.into_iter().filter(|f| !seen.contains(f)).collect();
-                        if changed
-                            .iter()
-                            .any(|p| !need.contains_key(p) && !seen.iter().any(|(s, _)| s == p))
-                        {
-                            return End::Lost("it did not copy every changed file".into());
-                        }
-                    }
-                    Event::Change { id, ino } => {
-                        if !applied {
-                            seen.insert((id, ino));
-                        } else if need.get(&id) == Some(&ino) {
-                            need.remove(&id);
+                            need.remove(id.as_str());
                         }
                     }
                     Event::Start => {

@@ -425,3 +425,35 @@ fn hostile_background_work_left_running_in_a_warm_process_is_stopped() {
         .published_assets("miner", "js")
         .contains("after the miner"));
 }
+
+#[test]
+fn the_projects_own_vite_5_rebuilds_the_same_file_warm_again_and_again() {
+    // Rollup's watcher (Vite 5) loses a file that is replaced by a rename: every change must
+    // still be seen, or each would wait out the stall and build cold.
+    let stack = Stack::start_with(&["--engine", "project"]);
+    let tmp = tempfile::tempdir().unwrap();
+    let app = fixture("generated-app", &tmp.path().join("app"));
+    stack.push(&app, "five");
+    let st = stack.wait_settled("five", &app.head(), COLD);
+    assert_eq!(st["state"], "ready", "{st:#}");
+    assert_eq!(st["engine"], "project", "{st:#}");
+    let footer = "src/components/layout/site-footer.tsx";
+    let text = std::fs::read_to_string(tmp.path().join("app").join(footer)).unwrap();
+    for i in 0..3 {
+        let tagline = format!("tagline {i} from vite 5");
+        let c = app.commit_file(
+            footer,
+            text.replace("Ship work your team is proud of.", &tagline),
+        );
+        stack.push(&app, "five");
+        let st = stack.wait_settled("five", &c, WARM);
+        assert_eq!(st["state"], "ready", "{st:#}");
+        assert_eq!(
+            st["warm"],
+            "rebuilt",
+            "change {i}: {st:#}\n{}",
+            stack.build_log("five")
+        );
+        assert!(stack.published_assets("five", "js").contains(&tagline));
+    }
+}

@@ -699,7 +699,6 @@ fn du(dir: &Path) -> u64 {
 }
 
 #[test]
-#[ignore = "known gap (issue 7): no disk quota on a build's /app and /out yet, only the build timeout"]
 fn hostile_disk_fill_of_the_project_dir() {
     let n = names("diskfill");
     // What this test expects a build to be able to put on the host's disk, per writable dir, at
@@ -707,11 +706,15 @@ fn hostile_disk_fill_of_the_project_dir() {
     // by itself there, so that a missing limit cannot fill the test machine.
     const CAP_MIB: u64 = 1024;
     const TIMEOUT_SECS: u64 = 20;
+    // The limit under test, well below the cap (production: half the build memory).
+    const DISK_MIB: u64 = 256;
     let stack = Stack::start_with(&[
         "--build-timeout-secs",
         &TIMEOUT_SECS.to_string(),
         "--max-output-mb",
         "64",
+        "--build-disk-mb",
+        &DISK_MIB.to_string(),
     ]);
     let tmp = tempfile::tempdir().unwrap();
     let build = format!(
