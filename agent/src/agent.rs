@@ -1008,6 +1008,7 @@ impl Agent {
         for scratch in ["builds", "warm"] {
             let _ = std::fs::remove_dir_all(self.cfg.state_dir.join(scratch));
         }
+        crate::sandbox::remove_orphaned_cgroups(crate::warm::CGROUP_MARKER);
         let Ok(entries) = std::fs::read_dir(self.cfg.state_dir.join("projects")) else {
             return;
         };

@@ -400,6 +400,40 @@ impl Process {
     }
 }
 
+/// Removes the cgroups named `<anything>-<marker>-<pid>-<n>` whose agent (`pid`) is gone, with
+/// whatever is left in them: a killed agent's warm processes die with it (parent-death signal),
+/// but their groups stay behind.
+pub fn remove_orphaned_cgroups(marker: &str) {
+    let parent = cgroup_parent();
+    let mut names = std::collections::BTreeSet::new();
+    for base in ["/sys/fs/cgroup/memory", "/sys/fs/cgroup"] {
+        for e in fs::read_dir(Path::new(base).join(parent))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            names.insert(e.file_name().to_string_lossy().into_owned());
+        }
+    }
+    let needle = format!("-{marker}-");
+    for name in names {
+        let Some((_, rest)) = name.rsplit_once(&needle) else {
+            continue;
+        };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        if pid == std::process::id() || Path::new("/proc").join(pid.to_string()).exists() {
+            continue;
+        }
+        let group = Group::load(parent, &name);
+        group.kill();
+        if let Err(e) = group.remove() {
+            log::warn!("sandbox: removing orphaned cgroup {}: {e}", group.path());
+        }
+    }
+}
+
 /// Step 1: refuse specs that cannot be run safely, before touching anything.
 fn validate(spec: &Spec) -> Result<(), SandboxError> {
     let bad = |what: String| Err(SandboxError::Setup(what));

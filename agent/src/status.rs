@@ -137,6 +137,10 @@ pub struct Status {
     /// `rebuilt` (incremental) or `reused` (nothing changed); absent for a cold build.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub warm: Option<String>,
+    /// Vite's own time for a warm build (from its build's start to its end, as the warm process
+    /// measured it): the rest of the push-to-preview time is Kiln's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vite_ms: Option<u64>,
     /// Duration of each finished phase in milliseconds.
     pub phases: BTreeMap<String, u64>,
     /// `ran`, `skipped` (dependencies unchanged) or absent (not reached).
@@ -180,6 +184,7 @@ impl Status {
             build: 0,
             engine: None,
             warm: None,
+            vite_ms: None,
             phases: BTreeMap::new(),
             install: None,
             peak_memory_bytes: 0,
@@ -211,6 +216,7 @@ impl Status {
         self.rollback_from = None;
         self.engine = None;
         self.warm = None;
+        self.vite_ms = None;
         self.phases.clear();
         self.install = None;
         self.peak_memory_bytes = 0;

@@ -15,10 +15,25 @@
 //   {"ev":"change","id":<path relative to root>}            the bundler's watchChange hook
 //   {"ev":"start"}                                          its buildStart hook
 //   {"ev":"error","message":<text>}
-//   {"ev":"end","ms":<ms since start>,"files":[<paths the build read, relative to root>]}
+//   {"ev":"end","ms":<ms since start>,"files":[<paths the build read, relative to root>],
+//    "out":<the build's output directory, under outDir, or null>}
 // Both hooks are awaited by the bundler, and the copy runs on this thread in one go: a build
 // whose start comes after "applied", and after a change of each file, read what was written.
-import { chmodSync, lstatSync, mkdirSync, readFileSync, readlinkSync, renameSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
+// Vite writes to <outDir>/build; at the end of each build its output is renamed to
+// <outDir>/done-<n>, in the end handler, before the next build can write: a rebuild that
+// follows (a second event for one write) never changes an output the agent is publishing.
+import {
+  chmodSync,
+  existsSync,
+  lstatSync,
+  mkdirSync,
+  readFileSync,
+  readlinkSync,
+  renameSync,
+  rmSync,
+  symlinkSync,
+  writeFileSync,
+} from 'node:fs';
 import { basename, dirname, join, relative, sep } from 'node:path';
 import { createInterface } from 'node:readline';
 import { pathToFileURL } from 'node:url';
@@ -29,6 +44,9 @@ const rel = (id) => relative(root, id.split('?')[0]);
 
 let started = Date.now();
 let running = false;
+let rolldown = false;
+let builds = 0;
+const building = join(outDir, 'build');
 const start = () => {
   if (!running) {
     running = true;
@@ -44,6 +62,7 @@ const inputs = {
   name: 'kiln-inputs',
   enforce: 'post',
   buildStart() {
+    rolldown = Boolean(this.meta?.rolldownVersion);
     start();
   },
   watchChange(id) {
@@ -62,24 +81,37 @@ const inputs = {
   },
 };
 
-// In place: Rollup's chokidar (Vite 5) stops watching a file that was replaced by a rename.
-// A build running meanwhile may read a file half written; it started before "applied", so the
-// agent does not take it.
+// By rename under Rolldown (one event, never a half-written file); in place under Rollup,
+// whose chokidar (Vite 5) stops watching a file replaced by a rename. A build running meanwhile
+// may read a file half written; it started before "applied", so the agent does not take it.
 const apply = (paths) => {
   for (const p of paths) {
     const from = join(src, p);
     const to = join(root, p);
     mkdirSync(dirname(to), { recursive: true });
     const st = lstatSync(from);
-    if (st.isSymbolicLink()) {
+    if (st.isSymbolicLink() || rolldown) {
       const tmp = join(dirname(to), '.kiln-warm-' + basename(to));
       rmSync(tmp, { force: true });
-      symlinkSync(readlinkSync(from), tmp);
+      if (st.isSymbolicLink()) symlinkSync(readlinkSync(from), tmp);
+      else writeFileSync(tmp, readFileSync(from), { mode: st.mode & 0o777 });
       renameSync(tmp, to);
     } else {
       writeFileSync(to, readFileSync(from));
       chmodSync(to, st.mode & 0o777);
     }
+  }
+};
+// The finished build's output, moved out of the way of the next one.
+const finish = () => {
+  try {
+    if (!existsSync(building)) return null;
+    const out = `done-${++builds}`;
+    renameSync(building, join(outDir, out));
+    return out;
+  } catch (err) {
+    console.error(`kiln: keeping the build's output: ${err?.message ?? err}`);
+    return null;
   }
 };
 createInterface({ input: process.stdin }).on('line', (line) => {
@@ -109,7 +141,7 @@ const failed = (err) => {
   start();
   console.error(describe(err));
   emit({ ev: 'error', message: describe(err) });
-  emit({ ev: 'end', ms: Date.now() - started, files: [] });
+  emit({ ev: 'end', ms: Date.now() - started, files: [], out: null });
   process.exit(1);
 };
 
@@ -121,7 +153,7 @@ try {
     root,
     base,
     plugins: [inputs],
-    build: { outDir, emptyOutDir: true, watch: {} },
+    build: { outDir: building, emptyOutDir: true, watch: {} },
   });
 } catch (err) {
   failed(err);
@@ -136,7 +168,7 @@ watcher.on('event', (e) => {
     case 'END':
       start();
       running = false;
-      emit({ ev: 'end', ms: Date.now() - started, files: [...files] });
+      emit({ ev: 'end', ms: Date.now() - started, files: [...files], out: finish() });
       break;
   }
   e.result?.close?.();

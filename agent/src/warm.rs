@@ -35,6 +35,8 @@ use crate::config::Engine;
 use crate::sandbox::{self, Mount, Spec};
 
 const DRIVER: &str = include_str!("warm.mjs");
+/// In a warm process's cgroup name, before the agent's pid.
+pub(crate) const CGROUP_MARKER: &str = "warm";
 /// Starts an event line on a warm process's stdout.
 const MARK: &[u8] = b"\x1ekiln:";
 /// The longest line read as a possible event; longer output is log text.
@@ -85,8 +87,9 @@ pub(crate) struct Watcher {
     tree: String,
     /// What the last build read, relative to the project root.
     files: HashSet<String>,
-    /// The last build succeeded, so `out` holds the worktree's build.
-    ok: bool,
+    /// The output of the last build when it succeeded (a `done-<n>` dir under `out`): the
+    /// build of the tree the copy holds.
+    built: Option<PathBuf>,
     /// Output not yet ended by a newline.
     pending: Vec<u8>,
     idle_since: Instant,
@@ -111,11 +114,21 @@ pub(crate) enum End {
 #[derive(Deserialize)]
 #[serde(tag = "ev", rename_all = "lowercase")]
 enum Event {
-    Applied { error: Option<String> },
-    Change { id: String },
+    Applied {
+        error: Option<String>,
+    },
+    Change {
+        id: String,
+    },
     Start,
-    Error { message: String },
-    End { ms: u64, files: Vec<String> },
+    Error {
+        message: String,
+    },
+    End {
+        ms: u64,
+        files: Vec<String>,
+        out: Option<String>,
+    },
 }
 
 impl Warm {
@@ -372,7 +385,7 @@ impl Watcher {
         let spec = Spec {
             // The agent's pid too: several agents (tests, a restart's leftovers) share the
             // cgroup tree, and a name found there is killed as stale.
-            cgroup: format!("{project}-warm-{}-{seq}", std::process::id()),
+            cgroup: format!("{project}-{CGROUP_MARKER}-{}-{seq}", std::process::id()),
             root: dir.join("root"),
             mounts,
             network: false,
@@ -404,7 +417,7 @@ impl Watcher {
             out,
             tree: tree.to_owned(),
             files: HashSet::new(),
-            ok: false,
+            built: None,
             pending: Vec::new(),
             idle_since: Instant::now(),
             idle_cpu: Duration::ZERO,
@@ -412,9 +425,27 @@ impl Watcher {
         })
     }
 
-    /// Where the process writes its build.
+    /// The output of its last build, which succeeded.
     pub(crate) fn out(&self) -> &Path {
-        &self.out
+        self.built
+            .as_deref()
+            .expect("only a built process is published")
+    }
+
+    /// Removes the outputs of earlier builds (published, or of rebuilds nobody waited for).
+    async fn clear_outputs(&mut self) {
+        self.built = None;
+        let out = self.out.clone();
+        tokio::task::spawn_blocking(move || {
+            for e in std::fs::read_dir(&out).into_iter().flatten().flatten() {
+                if e.file_name().to_string_lossy().starts_with("done-") {
+                    // Symlink-safe: never follows a link the build left there.
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        })
+        .await
+        .expect("clearing task");
     }
 
     pub(crate) fn stats(&self) -> sandbox::Stats {
@@ -462,6 +493,7 @@ impl Watcher {
         // The changed files the bundler has not reported a change of since they were written.
         let mut need: HashSet<&str> = changed.iter().map(String::as_str).collect();
         if !first {
+            self.clear_outputs().await;
             let mut line = serde_json::to_vec(&serde_json::json!({
                 "cmd": "apply",
                 "files": changed,
@@ -543,16 +575,22 @@ impl Watcher {
                             errors.push(message);
                         }
                     }
-                    Event::End { ms, files } => {
+                    Event::End { ms, files, out } => {
                         running = false;
                         if armed {
                             self.files = files.into_iter().collect();
-                            self.ok = errors.is_empty();
-                            return if errors.is_empty() {
-                                End::Built { ms }
-                            } else {
-                                End::Failed(errors.join("\n"))
+                            if !errors.is_empty() {
+                                return End::Failed(errors.join("\n"));
+                            }
+                            let Some(out) = out.filter(|o| {
+                                o.strip_prefix("done-").is_some_and(|n| {
+                                    !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())
+                                })
+                            }) else {
+                                return End::Lost("its build left no output".into());
                             };
+                            self.built = Some(self.out.join(out));
+                            return End::Built { ms };
                         }
                     }
                 }
@@ -663,7 +701,7 @@ impl Agent {
                 .unusable(&key)
                 .or_else(|| not_incremental(report, &w.tree, &w.files))
                 .or_else(|| {
-                    (report.written.is_empty() && (force || !w.ok))
+                    (report.written.is_empty() && (force || w.built.is_none()))
                         .then(|| "a rebuild with no change was asked for".to_owned())
                 });
             match why {
@@ -720,6 +758,7 @@ impl Agent {
         }
         match end {
             End::Built { ms } => {
+                self.update(project, |s| s.vite_ms = Some(ms));
                 log.note(&format!(
                     "warm process {how}: Vite built in {ms} ms; peak memory {} MiB since it started",
                     after.peak_memory_bytes >> 20

@@ -133,9 +133,13 @@ fn main() {
         "kiln: from just before `git push` until /status says ready for the pushed commit \
          (polled every 20 ms); each preview's JS is checked to hold its change"
             .to_owned(),
+        "overhead: per change, kiln's time minus Vite's own rebuild as the agent's warm process \
+         timed it (buildStart to end; status.vite_ms), then the median: what Kiln adds (push, \
+         webhook, sync, checkout, the copy into the warm process, publish, status)"
+            .to_owned(),
         "watcher: the same change rebuilt by `vite build --watch` (driven by agent/src/warm.mjs) in \
-         a second installed copy outside the sandbox, timed from the file's rename to the end of \
-         the rebuild; overhead = kiln median - watcher median"
+         a second installed copy outside the sandbox, timed from the file's write to the end of \
+         the rebuild; kiln - watcher also holds the sandbox's effect on Vite itself"
             .to_owned(),
         "vite (floor): raw `node <vite>/bin/vite.js build` of the same change in a copy installed \
          once outside the sandbox, with the Vite the engine runs (project: the app's Vite 5; \
@@ -319,6 +323,8 @@ struct Build {
     install: String,
     /// How the agent's warm process served it (`rebuilt`, `started`, ...), empty when cold.
     warm: String,
+    /// Vite's own time for the build, as the warm process measured it (warm builds only).
+    vite_ms: Option<f64>,
 }
 
 impl Build {
@@ -373,6 +379,7 @@ fn push_to_preview(stack: &Stack, repo: &Repo, project: &str, timeout: Duration)
                     engine: st["engine"].as_str().unwrap_or("?").to_owned(),
                     install: st["install"].as_str().unwrap_or("-").to_owned(),
                     warm: st["warm"].as_str().unwrap_or_default().to_owned(),
+                    vite_ms: st["vite_ms"].as_f64(),
                 };
             }
         }
@@ -471,12 +478,19 @@ impl WatchFloor {
         }
     }
 
-    /// Writes `content` to `rel` in place (as the agent's warm process does) and returns the
-    /// time until the rebuild that started after the watcher saw it ended.
-    fn rebuild(&mut self, rel: &str, content: &str) -> f64 {
+    /// Writes `content` to `rel` as the agent's warm process does (by rename for Rolldown, in
+    /// place for Rollup, whose watcher loses renamed files) and returns the time until the
+    /// rebuild that started after the watcher saw it ended.
+    fn rebuild(&mut self, rel: &str, content: &str, rename: bool) -> f64 {
         let path = self.dir.join(rel);
         let t = Instant::now();
-        std::fs::write(&path, content).expect("writing the leaf");
+        if rename {
+            let tmp = path.with_extension("kiln-bench-tmp");
+            std::fs::write(&tmp, content).expect("writing the leaf");
+            std::fs::rename(&tmp, &path).expect("renaming the leaf");
+        } else {
+            std::fs::write(&path, content).expect("writing the leaf");
+        }
         self.until(|e| e["ev"] == "change" && e["id"] == rel);
         self.until(|e| e["ev"] == "start");
         self.until(|e| e["ev"] == "end");
@@ -643,7 +657,7 @@ fn bench_app(
             );
         };
         let mut watch = |watch_ms: &mut Vec<f64>| {
-            watch_ms.push(watcher.rebuild(app.leaf, &content));
+            watch_ms.push(watcher.rebuild(app.leaf, &content, engine == "fast"));
             assert!(
                 bundle(&base.watch_dir.join("dist-watch")).contains(&text),
                 "the watcher floor's build does not hold the change {text:?}"
@@ -858,9 +872,15 @@ impl AppResult {
         self.changes.iter().map(|b| b.total_ms).collect()
     }
 
-    /// Kiln's time beyond Vite's own work on the change: its warm watcher's rebuild.
+    /// Kiln's time beyond Vite's own work on each change (the rebuild its warm process
+    /// reported), at the median; a cold build counts whole.
     fn overhead_ms(&self) -> f64 {
-        median(&self.kiln_ms()) - median(&self.watch_ms)
+        let beyond: Vec<f64> = self
+            .changes
+            .iter()
+            .map(|b| b.total_ms - b.vite_ms.unwrap_or(0.0))
+            .collect();
+        median(&beyond)
     }
 
     fn ci_ms(&self) -> Vec<f64> {
@@ -913,16 +933,21 @@ impl AppResult {
                 p90(watch),
             ),
             Row::diff(
-                "  overhead beyond Vite's rebuild (median)",
+                "  overhead beyond Vite's own rebuild (median)",
                 overhead,
-                "kiln median - watcher median",
+                "kiln - the rebuild its warm process timed",
             )
             .goal(
                 format!("<= {OVERHEAD_GOAL_MS:.0} ms"),
                 overhead <= OVERHEAD_GOAL_MS,
             ),
             Row::diff(
-                "  overhead, median of paired differences",
+                "  beyond the watcher outside Kiln (median)",
+                median(&kiln) - median(watch),
+                "kiln median - watcher median (info)",
+            ),
+            Row::diff(
+                "  same, median of paired differences",
                 median(&paired),
                 "(info)",
             ),
@@ -1110,7 +1135,8 @@ fn summary(results: &[AppResult]) -> String {
     let _ = writeln!(
         s,
         "Summary: medians of {CHANGES} one-file changes; watcher = `vite build --watch` rebuild \
-         outside Kiln, vite = raw build, both with the engine's Vite; overhead = kiln - watcher"
+         outside Kiln, vite = raw build, both with the engine's Vite; overhead = kiln - the \
+         rebuild time the agent's warm process reported"
     );
     let header = format!(
         "{:<14} {:<7} {:>8} {:>8} {:>8} {:>8} {:>9} {:<7} {:>8} {:>8} {:>9} {:>6} {:<7}",

@@ -62,6 +62,11 @@ fn a_one_file_change_is_rebuilt_by_the_warm_process_and_published_whole() {
         assert_eq!(st["state"], "ready", "{st:#}");
         assert_eq!(st["warm"], "rebuilt", "change {i}: {st:#}");
         assert_eq!(st["install"], "skipped", "{st:#}");
+        let vite_ms = st["vite_ms"].as_u64().expect("Vite's own time");
+        assert!(
+            vite_ms <= st["phases"]["build"].as_u64().unwrap(),
+            "Vite's rebuild is within the build phase: {st:#}"
+        );
         assert_eq!(st["last_good"]["commit"], c.as_str());
         let js = stack.published_assets("shop", "js");
         assert!(
