@@ -19,6 +19,11 @@ use crate::publish::{self, PublishError};
 use crate::status::{LastGood, Rollback, State, Status};
 use crate::versions::RepoError;
 
+/// Syncs the store failed are retried this many times, the first after [`SYNC_RETRY_FIRST`],
+/// doubling up to 16 times that (about 9 minutes in all).
+const SYNC_RETRIES: u32 = 10;
+const SYNC_RETRY_FIRST: Duration = Duration::from_secs(5);
+
 /// Why a build was asked for.
 #[derive(Clone, Debug, Default)]
 pub struct Request {
@@ -84,6 +89,8 @@ pub struct Agent {
     pub(crate) shares: crate::share::Shares,
     pub(crate) views: crate::views::Views,
     pub(crate) warm: crate::warm::Warm,
+    /// Syncs retried after the blob store failed them, per project, since the last success.
+    pub(crate) sync_retries: Mutex<HashMap<String, u32>>,
     /// Projects whose latest manifest says they are deleted: nothing of them is built or served
     /// until a sync finds them restored.
     gone: Mutex<HashSet<String>>,
@@ -169,6 +176,7 @@ impl Agent {
             shares: crate::share::Shares::default(),
             views: crate::views::Views::default(),
             warm: crate::warm::Warm::default(),
+            sync_retries: Mutex::default(),
             gone: Mutex::default(),
             hostname,
         });
@@ -213,6 +221,42 @@ impl Agent {
         let locks = self.locks(project.as_str());
         let _one_at_a_time = locks.repo.lock().await;
         gitstore::sync::sync_repo(&self.store, project, &self.repo_path(project.as_str())).await
+    }
+
+    /// After a sync the store failed (an outage, a timeout): asks for the build again later,
+    /// with backoff, so that a push acknowledged just before the outage is built once the store
+    /// is back without another push. Returns what to tell the user.
+    pub(crate) fn retry_sync_later(
+        self: &Arc<Self>,
+        project: &ProjectId,
+        e: &gitstore::sync::SyncError,
+    ) -> String {
+        if matches!(e, gitstore::sync::SyncError::CorruptPack { .. }) {
+            return String::new();
+        }
+        let attempt = {
+            let mut retries = self.sync_retries.lock().expect("retries lock");
+            let n = retries.entry(project.as_str().to_owned()).or_insert(0);
+            *n += 1;
+            *n
+        };
+        if attempt > SYNC_RETRIES {
+            return format!(
+                " (gave up after {SYNC_RETRIES} retries; the next push or POST /build tries again)"
+            );
+        }
+        let delay = SYNC_RETRY_FIRST * 2u32.pow((attempt - 1).min(4));
+        let (agent, id) = (self.clone(), project.clone());
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            if !agent.stopping.load(Ordering::SeqCst) && !agent.is_gone(id.as_str()) {
+                agent.request(&id, None, Request::default());
+            }
+        });
+        format!(
+            " (retry {attempt} of {SYNC_RETRIES} in {}s)",
+            delay.as_secs()
+        )
     }
 
     fn slot(&self, project: &str) -> Option<Arc<Mutex<Slot>>> {

@@ -252,12 +252,24 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         .with_context(|| format!("preparing {}", agent_volume.display()))?;
     agent.recover();
     // The disk is only a cache: catch up with pushes made while this machine was away.
+    // Retried until it works: a store down at start must not leave this machine behind.
     tokio::spawn({
         let agent = agent.clone();
         async move {
-            match agent.reconcile().await {
-                Ok(n) => log::info!(queued = n; "reconciled with the blob store"),
-                Err(e) => log::error!(error:% = e; "cannot list projects in the blob store"),
+            let mut wait = Duration::from_secs(5);
+            loop {
+                match agent.reconcile().await {
+                    Ok(n) => {
+                        log::info!(queued = n; "reconciled with the blob store");
+                        break;
+                    }
+                    Err(e) => log::error!(
+                        error:% = e, retry_secs = wait.as_secs();
+                        "cannot list projects in the blob store; trying again"
+                    ),
+                }
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(30));
             }
         }
     });

@@ -127,10 +127,30 @@ async fn steps(
     // 1. Sync.
     phase(agent, project, log, State::Syncing, "sync");
     let t = Instant::now();
-    let report = agent
-        .sync_repo(&pid)
-        .await
-        .map_err(|e| Failure::failed(format!("sync from the blob store failed: {e}")))?;
+    let report = match agent.sync_repo(&pid).await {
+        Ok(report) => {
+            agent
+                .sync_retries
+                .lock()
+                .expect("retries lock")
+                .remove(project);
+            report
+        }
+        // A rebuild or a rollback of what this machine already holds needs nothing from the
+        // store: an outage must not stop it.
+        Err(e) if (req.force || req.commit.is_some()) && repo.join("HEAD").is_file() => {
+            log.note(&format!(
+                "the blob store did not answer ({e}): building from this machine's copy, which may be behind"
+            ));
+            gitstore::sync::SyncReport::default()
+        }
+        Err(e) => {
+            let again = agent.retry_sync_later(&pid, &e);
+            return Err(Failure::failed(format!(
+                "sync from the blob store failed: {e}{again}"
+            )));
+        }
+    };
     agent
         .metrics
         .add(&agent.metrics.bytes_fetched, report.bytes_fetched);
@@ -140,8 +160,13 @@ async fn steps(
     ));
     // What the manifest says besides refs: a deletion, and the commits shares pin (which
     // retention keeps). Unreadable shares mean no build is retired this time.
-    let pinned = match gitstore::manifest::read(&agent.store, &pid, report.generation).await {
-        Ok(m) if m.deleted_at.is_some() => {
+    // Generation 0: the store did not answer (see above), so nothing is known of it.
+    let manifest = match report.generation {
+        0 => None,
+        generation => Some(gitstore::manifest::read(&agent.store, &pid, generation).await),
+    };
+    let pinned = match manifest {
+        Some(Ok(m)) if m.deleted_at.is_some() => {
             agent.mark_gone(project);
             let (a, id) = (agent.clone(), pid.clone());
             tokio::spawn(async move { a.forget(&id, false).await });
@@ -149,13 +174,14 @@ async fn steps(
                 "the project was deleted: it is no longer built or served",
             ));
         }
-        Ok(m) => Some(crate::retention::pinned_commits(&m)),
-        Err(e) => {
+        Some(Ok(m)) => Some(crate::retention::pinned_commits(&m)),
+        Some(Err(e)) => {
             log.note(&format!(
                 "cannot read the manifest's shares ({e}): no old build is retired this time"
             ));
             None
         }
+        None => None,
     };
     let (refname, head) = preview_ref(&repo).await.map_err(Failure::failed)?;
     log.note(&format!("{refname} is at {head}"));

@@ -267,11 +267,15 @@ impl App {
             Caller::Admin => return Ok(()),
             Caller::Client(c) => c,
         };
-        let owner = gitstore::auth::owner(&self.agent.store, project)
+        // Cached: an owner is written once, so a store outage does not lock its client out.
+        let owner = self
+            .agent
+            .events
+            .owner(&self.agent.store, project.as_str())
             .await
             .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "store", e.to_string()))?;
         match owner {
-            Some(o) if o.client == client => Ok(()),
+            Some(o) if o == client => Ok(()),
             // Same answer as for a project that does not exist: ids of others' projects stay private.
             _ => Err(ApiError::not_found(project.as_str())),
         }
@@ -712,8 +716,11 @@ async fn export(
 
 async fn healthz(State(app): State<App>) -> Response {
     let mut problems = Vec::new();
-    if let Err(e) = app.agent.store.ping().await {
-        problems.push(format!("blob store: {e}"));
+    // A health check answers promptly, whatever the store does.
+    match tokio::time::timeout(Duration::from_secs(5), app.agent.store.ping()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => problems.push(format!("blob store: {e}")),
+        Err(_) => problems.push("blob store: no answer within 5 s".into()),
     }
     let free = crate::fsutil::disk_free(&app.agent.cfg.state_dir).unwrap_or(0);
     if free < 1 << 30 {
@@ -727,6 +734,8 @@ async fn healthz(State(app): State<App>) -> Response {
     }
     let body = serde_json::json!({
         "ok": problems.is_empty(),
+        // Previews are served from disk whatever the problem: degraded, never down.
+        "status": if problems.is_empty() { "ok" } else { "degraded" },
         "problems": problems,
         "queue_depth": app.agent.queue_depth(),
         "fast_engine_ready": app.agent.fast_engine_ready(),
@@ -778,18 +787,29 @@ impl App {
         }
         let cached = {
             let cache = self.tokens.lock().expect("token cache");
-            cache
-                .get(token)
-                .filter(|(at, _)| at.elapsed() < TOKEN_TTL)
-                .map(|(_, c)| c.clone())
+            cache.get(token).cloned()
         };
         let client = match cached {
-            Some(c) => c,
-            None => {
-                let c = gitstore::auth::authenticate(&self.agent.store, token)
-                    .await
-                    .ok()
-                    .map(|c| c.id);
+            Some((at, c)) if at.elapsed() < TOKEN_TTL => c,
+            _ => {
+                let c = match gitstore::auth::authenticate(&self.agent.store, token).await {
+                    Ok(c) => Some(c.id),
+                    // The store did not answer: what it said last stands (a revocation waits
+                    // for it to come back); a token never seen cannot be checked.
+                    Err(gitstore::auth::AuthError::Store(e)) => {
+                        return match cached {
+                            Some((_, c)) => c.map(Caller::Client).ok_or_else(|| {
+                                ApiError::unauthorized("the token is unknown or revoked")
+                            }),
+                            None => Err(ApiError::new(
+                                StatusCode::SERVICE_UNAVAILABLE,
+                                "store",
+                                format!("cannot check the token: the blob store did not answer ({e}); try again shortly"),
+                            )),
+                        };
+                    }
+                    Err(_) => None,
+                };
                 let mut cache = self.tokens.lock().expect("token cache");
                 if cache.len() > 10_000 {
                     cache.clear();

@@ -1105,6 +1105,8 @@ pub struct Stack {
     pub agent: Child,
     pub agent_port: u16,
     agent_args: Vec<String>,
+    /// The agent's store, when it is not the stack's own file store: its URL and environment.
+    agent_store: Option<(String, Vec<(String, String)>)>,
     /// A client token that owns the projects the test pushes.
     pub token: String,
     dir: tempfile::TempDir,
@@ -1122,6 +1124,23 @@ impl Stack {
 
     /// Like [`Stack::start_with`], with extra gitstore `serve` arguments too.
     pub fn start_with_gitstore(agent_args: &[&str], gitstore_args: &[&str]) -> Self {
+        Self::start_full(agent_args, gitstore_args, None)
+    }
+
+    /// A stack whose gitstore and agent share container `container` of `az`.
+    pub fn start_on_azurite(az: &Azurite, container: &str, agent_args: &[&str]) -> Self {
+        Self::start_full(
+            agent_args,
+            &[],
+            Some((format!("az://{container}"), az.env())),
+        )
+    }
+
+    fn start_full(
+        agent_args: &[&str],
+        gitstore_args: &[&str],
+        agent_store: Option<(String, Vec<(String, String)>)>,
+    ) -> Self {
         require_tool("pnpm", "npm install -g pnpm@10");
         require_tool("node", "apt-get install -y nodejs npm");
         require_tool("unshare", "apt-get install -y util-linux");
@@ -1133,13 +1152,20 @@ impl Stack {
         std::fs::create_dir_all(&store).expect("store dir");
         let port = free_port();
         let agent_args: Vec<String> = agent_args.iter().map(|s| s.to_string()).collect();
-        let agent = spawn_agent(dir.path(), port, &agent_args);
+        let agent = spawn_agent(dir.path(), port, &agent_args, agent_store.as_ref());
         let gitstore = Gitstore::start_with(Options {
-            store: Some(store.to_string_lossy().into_owned()),
+            store: Some(match &agent_store {
+                Some((url, _)) => url.clone(),
+                None => store.to_string_lossy().into_owned(),
+            }),
             args: ["--agent-url".into(), format!("http://127.0.0.1:{port}")]
                 .into_iter()
                 .chain(gitstore_args.iter().map(|a| a.to_string()))
                 .collect(),
+            env: agent_store
+                .as_ref()
+                .map(|(_, e)| e.clone())
+                .unwrap_or_default(),
             ..Options::default()
         });
         let token = gitstore.create_client("agent-tests");
@@ -1148,6 +1174,7 @@ impl Stack {
             agent,
             agent_port: port,
             agent_args,
+            agent_store,
             token,
             dir,
         };
@@ -1202,10 +1229,36 @@ impl Stack {
         found
     }
 
+    /// Starts the agent again and waits only until it answers, healthy or not (its blob store
+    /// may be down).
+    pub fn restart_agent_unchecked(&mut self) {
+        kill_group(&mut self.agent);
+        self.agent = spawn_agent(
+            self.dir.path(),
+            self.agent_port,
+            &self.agent_args,
+            self.agent_store.as_ref(),
+        );
+        let started = Instant::now();
+        while try_http("GET", &format!("{}/healthz", self.agent_url()), &[], b"").is_err() {
+            assert!(
+                started.elapsed() < Duration::from_secs(120),
+                "kiln-agent did not answer within 120 s:\n{}",
+                self.agent_log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// Starts the agent again on the same state, port and arguments.
     pub fn restart_agent(&mut self) {
         kill_group(&mut self.agent);
-        self.agent = spawn_agent(self.dir.path(), self.agent_port, &self.agent_args);
+        self.agent = spawn_agent(
+            self.dir.path(),
+            self.agent_port,
+            &self.agent_args,
+            self.agent_store.as_ref(),
+        );
         self.wait_agent_healthy();
     }
 
@@ -1344,7 +1397,12 @@ impl Drop for Stack {
     }
 }
 
-fn spawn_agent(dir: &Path, port: u16, args: &[String]) -> Child {
+fn spawn_agent(
+    dir: &Path,
+    port: u16,
+    args: &[String],
+    store: Option<&(String, Vec<(String, String)>)>,
+) -> Child {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -1355,7 +1413,11 @@ fn spawn_agent(dir: &Path, port: u16, args: &[String]) -> Child {
     cmd.arg("serve")
         .args(["--listen", &format!("127.0.0.1:{port}")])
         .arg("--store")
-        .arg(dir.join("store"))
+        .arg(match store {
+            Some((url, _)) => url.into(),
+            None => dir.join("store"),
+        })
+        .envs(store.map(|(_, env)| env.clone()).unwrap_or_default())
         .arg("--state-dir")
         .arg(dir.join("state"))
         .arg("--publish-dir")

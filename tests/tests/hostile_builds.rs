@@ -745,7 +745,13 @@ setInterval(() => {{}}, 1000)
     let mut peak = 0;
     while pushed.elapsed() < WARM {
         peak = peak.max(du(&builds));
-        let st = stack.status(&n.evil);
+        // Unknown (404) until the push's webhook has reached the agent.
+        let r = stack.agent_http("GET", &format!("/status/{}", n.evil));
+        let st = if r.status == 200 {
+            r.json()
+        } else {
+            serde_json::Value::Null
+        };
         if st["commit"] == evil.head().as_str()
             && !matches!(
                 st["state"].as_str(),
