@@ -96,6 +96,8 @@ pub struct Agent {
     gone: Mutex<HashSet<String>>,
     /// This machine's name, for the build state it reports to the store.
     pub(crate) hostname: String,
+    /// The leases of the projects this agent builds, when several agents share the store.
+    pub(crate) ownership: Option<crate::ownership::Ownership>,
 }
 
 /// What a rollback asks for.
@@ -158,7 +160,9 @@ impl Agent {
         let hostname = nix::unistd::gethostname()
             .map(|h| h.to_string_lossy().into_owned())
             .unwrap_or_default();
+        let ownership = cfg.lease.as_ref().map(crate::ownership::Ownership::new);
         let agent = Arc::new(Self {
+            ownership,
             cfg,
             store,
             exe,
@@ -628,8 +632,16 @@ impl Agent {
     pub async fn reconcile(self: &Arc<Self>) -> Result<usize, gitstore::blob::StoreError> {
         let mut queued = 0;
         let listed = self.store.projects().await?;
-        for id in &listed {
+        // With leases, only the projects this agent holds or may claim: those that look free.
+        let candidates = match &self.ownership {
+            Some(o) => gitstore::lease::unclaimed(&self.store, o.term()).await?,
+            None => listed.clone(),
+        };
+        for id in &candidates {
             let p = id.as_str();
+            if !self.is_mine(id).await {
+                continue;
+            }
             let newest = match gitstore::manifest::newest_generation(&self.store, id, 0).await {
                 Ok(Some(g)) => g,
                 // Created but never pushed: nothing to build. Purged: nothing to keep.
@@ -716,6 +728,104 @@ impl Agent {
         Ok(queued)
     }
 
+    /// Who builds `project`: this agent unless another holds its lease (always this agent when
+    /// leases are off). Claims it when it is free and this agent should take it.
+    pub(crate) async fn owner(
+        &self,
+        project: &ProjectId,
+    ) -> Result<crate::ownership::Owner, gitstore::blob::StoreError> {
+        match &self.ownership {
+            Some(o) => o.ensure(&self.store, project).await,
+            None => Ok(crate::ownership::Owner::Me),
+        }
+    }
+
+    /// The live lease of another agent on `project`, read without claiming: where a request
+    /// about the project belongs. None when leases are off, the lease is this agent's or nobody's,
+    /// or the store does not answer (this agent then answers from what it has).
+    pub(crate) async fn holder_elsewhere(
+        &self,
+        project: &ProjectId,
+    ) -> Option<gitstore::lease::Lease> {
+        let o = self.ownership.as_ref()?;
+        if o.trusted(project.as_str()) {
+            return None;
+        }
+        match gitstore::lease::read(&self.store, project).await {
+            Ok(Some(l)) if l.live() && l.agent != o.id() => Some(l),
+            _ => None,
+        }
+    }
+
+    async fn is_mine(&self, project: &ProjectId) -> bool {
+        match self.owner(project).await {
+            Ok(crate::ownership::Owner::Me) => true,
+            Ok(_) => false,
+            Err(e) => {
+                log::warn!(project = project.as_str(), error:% = e; "cannot read the project's lease; skipped");
+                false
+            }
+        }
+    }
+
+    /// Whether this agent may switch `project`'s served build now: it holds a lease no other
+    /// agent can have taken yet (always, when leases are off).
+    pub(crate) fn may_publish(&self, project: &str) -> bool {
+        self.ownership.as_ref().is_none_or(|o| o.trusted(project))
+    }
+
+    /// With leases: renews them every third of a term, stops the builds of any it lost, and
+    /// claims and builds projects that have no live holder (another agent died, or nobody has
+    /// taken a project yet), so each project's preview comes back within about a term and a
+    /// build after its holder is lost.
+    /// For `/healthz`: this agent's id, leases held and capacity; null when leases are off.
+    pub(crate) fn lease_summary(&self) -> serde_json::Value {
+        match &self.ownership {
+            Some(o) => serde_json::json!({
+                "agent": o.id(),
+                "held": o.holding(),
+                "capacity": o.capacity(),
+                "term_secs": o.term().as_secs(),
+            }),
+            None => serde_json::Value::Null,
+        }
+    }
+
+    pub fn ownership_enabled(&self) -> bool {
+        self.ownership.is_some()
+    }
+
+    pub fn start_leases(self: &Arc<Self>) {
+        let Some(o) = &self.ownership else { return };
+        let every = o.term() / 3;
+        let agent = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                if agent.stopping.load(Ordering::SeqCst) {
+                    return;
+                }
+                let o = agent.ownership.as_ref().expect("leases on");
+                for p in o.renew(&agent.store).await {
+                    agent.metrics.inc(&agent.metrics.leases_lost);
+                    agent.cancel(&p);
+                    if let Some(w) = agent.warm.take(&p) {
+                        w.stop().await;
+                    }
+                }
+                agent
+                    .metrics
+                    .leases_held
+                    .store(o.holding() as u64, Ordering::Relaxed);
+                if let Err(e) = agent.reconcile().await {
+                    log::warn!(error:% = e; "cannot look for projects without a live lease");
+                }
+            }
+        });
+    }
+
     /// From now on nothing of the project is built, and no build reports its state.
     pub(crate) fn mark_gone(&self, project: &str) {
         self.gone
@@ -754,6 +864,9 @@ impl Agent {
     /// [`Agent::forget`] for a caller that holds the project's lifecycle lock.
     pub(crate) async fn forget_locked(self: &Arc<Self>, project: &ProjectId, purged: bool) {
         let name = project.as_str();
+        if let (true, Some(o)) = (purged, &self.ownership) {
+            o.remove(&self.store, name).await;
+        }
         if !self.has_local(name) {
             // Already off this machine (a restart reading a deletion it applied before).
             if purged {

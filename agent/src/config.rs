@@ -62,6 +62,8 @@ pub struct Config {
     pub warm_memory_bytes: u64,
     /// A warm process unused for this long is stopped.
     pub warm_idle: Duration,
+    /// When several agents share the store: this agent builds only the projects it leases.
+    pub lease: Option<crate::ownership::LeaseConfig>,
 }
 
 /// CPUs and memory of this machine, for defaults.
@@ -263,6 +265,7 @@ pub(crate) fn test_config(preview_url: &str) -> Config {
         warm_max: 0,
         warm_memory_bytes: 0,
         warm_idle: Duration::ZERO,
+        lease: None,
     }
 }
 

@@ -21,6 +21,7 @@ mod events;
 mod fsutil;
 mod metrics;
 mod notify;
+pub mod ownership;
 mod pipeline;
 pub mod preview;
 pub mod publish;

@@ -143,6 +143,22 @@ struct ServeArgs {
     /// A warm process unused this long is stopped.
     #[arg(long, env = "KILN_WARM_IDLE_SECS", default_value_t = 900)]
     warm_idle_secs: u64,
+    /// Several agents on one store: each builds the projects it holds a lease of this many
+    /// seconds on (renewed every third), and takes over those of an agent that stopped renewing.
+    /// 0, the default, is a single agent: it builds every project. Needs a store that replaces
+    /// conditionally (az://, s3://, gs://).
+    #[arg(long, env = "KILN_LEASE_SECS", default_value_t = 0)]
+    lease_secs: u64,
+    /// Projects this agent leases at most.
+    #[arg(long, env = "KILN_LEASE_CAPACITY", default_value_t = 1000)]
+    lease_capacity: usize,
+    /// This agent's id among those sharing the store (default: the host name).
+    #[arg(long, env = "KILN_AGENT_ID")]
+    agent_id: Option<String>,
+    /// Where other machines reach this agent's API, published with its leases (default:
+    /// `http://<listen address>`).
+    #[arg(long, env = "KILN_AGENT_ADVERTISE_URL")]
+    advertise_url: Option<String>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -184,6 +200,7 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         .warm_memory_mb
         .map(|m| m << 20)
         .unwrap_or_else(Config::default_warm_memory);
+    let lease = lease_config(&a)?;
     let cfg = Config {
         volume_dir: a.volume_dir.unwrap_or_else(|| a.state_dir.join("volume")),
         state_dir: a.state_dir,
@@ -225,6 +242,7 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
             .unwrap_or_else(|| Config::default_warm_max(warm_memory_bytes)),
         warm_memory_bytes,
         warm_idle: Duration::from_secs(a.warm_idle_secs),
+        lease,
     };
     agent::sandbox::check_host().context("this host cannot run build sandboxes")?;
     let cgroups = agent::sandbox::delegate_cgroups().context("using the delegated cgroup")?;
@@ -235,6 +253,10 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&cfg.state_dir, std::fs::Permissions::from_mode(0o711))?;
     let store = gitstore::BlobStore::open(&a.store).context("opening the blob store")?;
+    ensure!(
+        cfg.lease.is_none() || store.replaces_conditionally(),
+        "leases need a blob store that replaces conditionally (az://, s3://, gs://); the local filesystem cannot, and one agent needs none: unset KILN_LEASE_SECS"
+    );
     let exe = std::env::current_exe().context("finding the agent binary")?;
     log::info!(
         listen:% = a.listen, store = store.url(), concurrency = cfg.concurrency,
@@ -251,28 +273,33 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         .prepare_volume()
         .with_context(|| format!("preparing {}", agent_volume.display()))?;
     agent.recover();
-    // The disk is only a cache: catch up with pushes made while this machine was away.
-    // Retried until it works: a store down at start must not leave this machine behind.
-    tokio::spawn({
-        let agent = agent.clone();
-        async move {
-            let mut wait = Duration::from_secs(5);
-            loop {
-                match agent.reconcile().await {
-                    Ok(n) => {
-                        log::info!(queued = n; "reconciled with the blob store");
-                        break;
+    if agent.ownership_enabled() {
+        // Claims, renewals and catching up with the store, every third of a term.
+        agent.start_leases();
+    } else {
+        // The disk is only a cache: catch up with pushes made while this machine was away.
+        // Retried until it works: a store down at start must not leave this machine behind.
+        tokio::spawn({
+            let agent = agent.clone();
+            async move {
+                let mut wait = Duration::from_secs(5);
+                loop {
+                    match agent.reconcile().await {
+                        Ok(n) => {
+                            log::info!(queued = n; "reconciled with the blob store");
+                            break;
+                        }
+                        Err(e) => log::error!(
+                            error:% = e, retry_secs = wait.as_secs();
+                            "cannot list projects in the blob store; trying again"
+                        ),
                     }
-                    Err(e) => log::error!(
-                        error:% = e, retry_secs = wait.as_secs();
-                        "cannot list projects in the blob store; trying again"
-                    ),
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(30));
                 }
-                tokio::time::sleep(wait).await;
-                wait = (wait * 2).min(Duration::from_secs(30));
             }
-        }
-    });
+        });
+    }
     // Installed even when the default is `project`: a project may pin `fast`.
     agent.install_fast_engine();
     agent.start_gc();
@@ -320,6 +347,35 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
     agent.shutdown(build_grace).await;
     log::info!("stopped");
     Ok(())
+}
+
+fn lease_config(a: &ServeArgs) -> anyhow::Result<Option<agent::ownership::LeaseConfig>> {
+    if a.lease_secs == 0 {
+        return Ok(None);
+    }
+    ensure!(
+        (3..=3600).contains(&a.lease_secs),
+        "KILN_LEASE_SECS must be 0 (one agent) or from 3 to 3600 seconds"
+    );
+    let id = match &a.agent_id {
+        Some(id) => id.clone(),
+        None => nix::unistd::gethostname()?
+            .to_string_lossy()
+            .to_ascii_lowercase(),
+    };
+    ensure!(
+        gitstore::lease::valid_agent_id(&id),
+        "agent id {id:?} must be 1 to 63 of a-z, 0-9, '.', '_' and '-', starting with a letter or digit: set KILN_AGENT_ID"
+    );
+    Ok(Some(agent::ownership::LeaseConfig {
+        id,
+        url: a
+            .advertise_url
+            .clone()
+            .unwrap_or_else(|| format!("http://{}", a.listen)),
+        term: Duration::from_secs(a.lease_secs),
+        capacity: a.lease_capacity.max(1),
+    }))
 }
 
 /// `name` (looked up in /etc/passwd) or `uid:gid`.

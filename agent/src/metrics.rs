@@ -38,6 +38,8 @@ pub(crate) struct Counters {
     /// Builds by how a warm process served them: started, rebuilt, reused, cold.
     warm: [AtomicU64; 4],
     pub(crate) warm_live: AtomicU64,
+    pub(crate) leases_held: AtomicU64,
+    pub(crate) leases_lost: AtomicU64,
 }
 
 impl std::ops::Deref for Metrics {
@@ -120,6 +122,18 @@ impl Metrics {
             "gauge",
             "Builds waiting for a build slot.",
             vec![(String::new(), g(&self.queued))],
+        );
+        family(
+            "kiln_agent_leases_held",
+            "gauge",
+            "Projects whose lease this agent holds (0 when leases are off).",
+            vec![(String::new(), g(&self.leases_held))],
+        );
+        family(
+            "kiln_agent_leases_lost_total",
+            "counter",
+            "Leases taken over or not renewed in time: their builds were stopped.",
+            vec![(String::new(), g(&self.leases_lost))],
         );
         family(
             "kiln_agent_fetched_bytes_total",

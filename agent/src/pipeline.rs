@@ -388,6 +388,11 @@ async fn publish_build(
             "pinned URLs of this build may miss assets: linking them failed: {e}"
         ));
     }
+    if !agent.may_publish(project) {
+        return Err(Failure::failed(format!(
+            "not published: this agent no longer holds project {project}'s lease; the agent that took it over builds and serves it"
+        )));
+    }
     let (a, p, pd) = (agent.clone(), project.to_owned(), publish_dir.clone());
     let (removed, swept) = tokio::task::spawn_blocking(move || {
         let removed = {

@@ -17,6 +17,7 @@ use gitstore::ProjectId;
 use serde::Deserialize;
 
 use crate::agent::{Agent, Request, Requested, RollbackError, RollbackTarget, RolledBack};
+use crate::ownership::Owner;
 use crate::versions::{self, ExportError, RepoError};
 
 #[derive(Debug)]
@@ -78,6 +79,21 @@ impl ApiError {
             "internal",
             format!("{what} failed on the agent; its log has the details"),
         )
+    }
+
+    /// 421: another agent builds the project; its address is in `url`.
+    fn elsewhere(project: &str, l: &gitstore::lease::Lease) -> Self {
+        let mut e = Self::new(
+            StatusCode::MISDIRECTED_REQUEST,
+            "elsewhere",
+            format!(
+                "project {project} is built by agent {} at {}: send this request there",
+                l.agent, l.url
+            ),
+        );
+        e.details.insert("owner".into(), l.agent.clone().into());
+        e.details.insert("url".into(), l.url.clone().into());
+        e
     }
 
     fn not_found(project: &str) -> Self {
@@ -289,7 +305,28 @@ impl App {
         if self.agent.is_gone(project.as_str()) {
             return Err(ApiError::deleted(project.as_str()));
         }
+        if let Some(l) = self.agent.holder_elsewhere(&project).await {
+            return Err(ApiError::elsewhere(project.as_str(), &l));
+        }
         Ok(project)
+    }
+
+    /// For a request that builds: this agent must hold the project's lease, claiming it if free.
+    async fn claimed(&self, project: &ProjectId) -> ApiResult<()> {
+        match self
+            .agent
+            .owner(project)
+            .await
+            .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "store", e.to_string()))?
+        {
+            Owner::Me => Ok(()),
+            Owner::Other(l) => Err(ApiError::elsewhere(project.as_str(), &l)),
+            Owner::Declined(why) => Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "declined",
+                format!("{why}; try again shortly"),
+            )),
+        }
     }
 
     fn status(&self, project: &ProjectId) -> ApiResult<crate::status::Status> {
@@ -373,6 +410,28 @@ async fn sync_project(
         agent.forget_locked(&project, false).await;
         return Ok(Json(serde_json::json!({"state": "deleted"})).into_response());
     }
+    match agent
+        .owner(&project)
+        .await
+        .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "store", e.to_string()))?
+    {
+        Owner::Me => {}
+        // gitstore tells every agent; the one that holds the lease builds.
+        Owner::Other(l) => {
+            return Ok(Json(serde_json::json!({
+                "state": "elsewhere",
+                "owner": l.agent,
+                "url": l.url,
+                "message": format!("project {name} is built by agent {}", l.agent),
+            }))
+            .into_response())
+        }
+        Owner::Declined(why) => {
+            return Ok(
+                Json(serde_json::json!({"state": "declined", "message": why})).into_response(),
+            )
+        }
+    }
     agent.restored(name);
     let head = versions::preview_head(&manifest.refs).map(str::to_owned);
     agent.shares.remember(name, Arc::new(manifest));
@@ -424,6 +483,7 @@ async fn rebuild(
         force: true,
         ..Request::default()
     };
+    app.claimed(&project).await?;
     let build = match app.agent.request_within_quota(&project, None, req).await {
         Requested::Queued(b) | Requested::AlreadyBuilt(b) | Requested::Busy(b) => b,
         Requested::Refused(r) => return Err(ApiError::quota(&r)),
@@ -625,6 +685,7 @@ async fn rollback(
         _ => return Err(ApiError::bad_request(shape)),
     };
     let name = project.as_str();
+    app.claimed(&project).await?;
     Ok(match app.agent.rollback(&project, target).await? {
         RolledBack::Switched { build, commit } => Json(serde_json::json!({
             "build": build,
@@ -738,6 +799,7 @@ async fn healthz(State(app): State<App>) -> Response {
         "status": if problems.is_empty() { "ok" } else { "degraded" },
         "problems": problems,
         "queue_depth": app.agent.queue_depth(),
+        "leases": app.agent.lease_summary(),
         "fast_engine_ready": app.agent.fast_engine_ready(),
         "disk_free_bytes": free,
     });

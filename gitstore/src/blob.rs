@@ -9,6 +9,8 @@
 //! - `projects/<p>/packs/<pack-name>.{pack,idx}`: immutable packs, named by git's pack checksum
 //! - `projects/<p>/build-state.json`: the agent's report of the project's builds (a cache)
 //! - `projects/<p>/importers/<q>.json`: project `q` lists packs held here (an import)
+//! - `leases/<p>.json`: which agent builds project `p` (see `lease`)
+//! - `agents/<id>.json`: an agent that holds leases, and where to reach it
 
 use std::sync::Arc;
 
@@ -57,6 +59,10 @@ pub(crate) enum Created {
     Yes,
     AlreadyExists,
 }
+
+/// What a conditional write compares against: the object as it was read or last written.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Version(object_store::UpdateVersion);
 
 /// How long object_store retries a failing request before the error is returned.
 const STORE_RETRY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
@@ -227,6 +233,62 @@ impl BlobStore {
         }
     }
 
+    /// The object at `key` and its version, or None when nothing is there.
+    pub(crate) async fn get_versioned(
+        &self,
+        key: &Path,
+    ) -> Result<Option<(Bytes, Version)>, StoreError> {
+        let r = match self.inner.get(key).await {
+            Ok(r) => r,
+            Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(backend("get", key, e)),
+        };
+        let version = Version(object_store::UpdateVersion {
+            e_tag: r.meta.e_tag.clone(),
+            version: r.meta.version.clone(),
+        });
+        let bytes = r.bytes().await.map_err(|e| backend("get", key, e))?;
+        Ok(Some((bytes, version)))
+    }
+
+    /// Writes `data` at `key` only if the object is still at `expected` (or, with None, only if
+    /// there is none): Azure, S3 and GCS compare-and-swap. None when another writer got there
+    /// first. The local filesystem cannot replace conditionally, which is an error here.
+    pub(crate) async fn swap(
+        &self,
+        key: &Path,
+        data: Bytes,
+        expected: Option<&Version>,
+    ) -> Result<Option<Version>, StoreError> {
+        let opts = PutOptions {
+            mode: match expected {
+                None => PutMode::Create,
+                Some(v) => PutMode::Update(v.0.clone()),
+            },
+            ..Default::default()
+        };
+        match self
+            .inner
+            .put_opts(key, PutPayload::from_bytes(data), opts)
+            .await
+        {
+            Ok(r) => Ok(Some(Version(object_store::UpdateVersion {
+                e_tag: r.e_tag,
+                version: r.version,
+            }))),
+            Err(
+                object_store::Error::AlreadyExists { .. }
+                | object_store::Error::Precondition { .. },
+            ) => Ok(None),
+            Err(e) => Err(backend("swap", key, e)),
+        }
+    }
+
+    /// Whether [`BlobStore::swap`] can replace an object: every backend but the local filesystem.
+    pub fn replaces_conditionally(&self) -> bool {
+        local_dir(&self.url).is_none()
+    }
+
     pub(crate) async fn delete(&self, key: &Path) -> Result<(), StoreError> {
         match self.inner.delete(key).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
@@ -391,6 +453,18 @@ pub(crate) mod keys {
     }
     pub(crate) fn packs(p: &ProjectId) -> Path {
         Path::from(format!("projects/{p}/packs"))
+    }
+    pub(crate) fn lease(p: &ProjectId) -> Path {
+        Path::from(format!("leases/{p}.json"))
+    }
+    pub(crate) fn leases() -> Path {
+        Path::from("leases")
+    }
+    pub(crate) fn agent(id: &str) -> Path {
+        Path::from(format!("agents/{id}.json"))
+    }
+    pub(crate) fn agents() -> Path {
+        Path::from("agents")
     }
     /// Where imports record that they list `holder`'s packs (written by `shares`).
     pub(crate) fn importers(holder: &ProjectId) -> Path {

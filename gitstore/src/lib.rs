@@ -26,6 +26,7 @@ mod commits;
 pub mod compact;
 mod git;
 pub mod http;
+pub mod lease;
 pub mod logging;
 pub mod manifest;
 mod metrics;

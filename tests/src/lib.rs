@@ -1397,6 +1397,147 @@ impl Drop for Stack {
     }
 }
 
+/// Several agents sharing one Azurite container, each with its own state and publish dirs and
+/// a lease term of `lease_secs`, and a gitstore that notifies them all, as machines behind one
+/// front door would be. All are killed on drop.
+pub struct Fleet {
+    pub gitstore: Gitstore,
+    agents: Vec<(String, u16, Option<Child>, PathBuf)>,
+    /// A client token that owns the projects the test pushes.
+    pub token: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Fleet {
+    pub fn start(az: &Azurite, container: &str, n: usize, lease_secs: u64) -> Self {
+        require_tool("unshare", "apt-get install -y util-linux");
+        let dir = tempfile::Builder::new()
+            .prefix("kiln-fleet-")
+            .tempdir()
+            .expect("temp dir");
+        let store = (format!("az://{container}"), az.env());
+        let mut agents = Vec::new();
+        for i in 0..n {
+            let (id, port) = (format!("agent-{i}"), free_port());
+            let home = dir.path().join(&id);
+            std::fs::create_dir_all(&home).expect("agent dir");
+            let args: Vec<String> = [
+                "--lease-secs",
+                &lease_secs.to_string(),
+                "--agent-id",
+                &id,
+                "--advertise-url",
+                &format!("http://127.0.0.1:{port}"),
+            ]
+            .map(str::to_owned)
+            .into();
+            let child = spawn_agent(&home, port, &args, Some(&store));
+            agents.push((id, port, Some(child), home));
+        }
+        let urls: Vec<String> = agents
+            .iter()
+            .map(|(_, port, _, _)| format!("http://127.0.0.1:{port}"))
+            .collect();
+        let gitstore = Gitstore::start_with(Options {
+            args: vec!["--agent-url".into(), urls.join(",")],
+            ..az.gitstore_options(container)
+        });
+        let token = gitstore.create_client("fleet-tests");
+        let fleet = Self {
+            gitstore,
+            agents,
+            token,
+            _dir: dir,
+        };
+        for i in 0..n {
+            fleet.wait_answering(i);
+        }
+        fleet
+    }
+
+    fn wait_answering(&self, i: usize) {
+        let started = Instant::now();
+        while try_http("GET", &format!("{}/healthz", self.url(i)), &[], b"").is_err() {
+            assert!(
+                started.elapsed() < Duration::from_secs(120),
+                "{} did not answer within 120 s:\n{}",
+                self.agents[i].0,
+                self.log(i)
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.agents.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.agents.is_empty()
+    }
+
+    pub fn id(&self, i: usize) -> &str {
+        &self.agents[i].0
+    }
+
+    pub fn url(&self, i: usize) -> String {
+        format!("http://127.0.0.1:{}", self.agents[i].1)
+    }
+
+    pub fn alive(&self, i: usize) -> bool {
+        self.agents[i].2.is_some()
+    }
+
+    /// SIGKILLs agent `i` and everything it started, as when its machine dies.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.agents[i].2.take() {
+            kill_group(&mut c);
+        }
+    }
+
+    /// A request to agent `i` with the client token.
+    pub fn http(&self, i: usize, method: &str, path: &str) -> Response {
+        let auth = format!("Bearer {}", self.token);
+        http(
+            method,
+            &format!("{}{path}", self.url(i)),
+            &[("Authorization", &auth)],
+            b"",
+        )
+    }
+
+    /// Agent `i`'s published file `rel` of `project`'s current build.
+    pub fn published(&self, i: usize, project: &str, rel: &str) -> Option<String> {
+        let path = self.agents[i]
+            .3
+            .join("www")
+            .join(project)
+            .join("current")
+            .join(rel);
+        std::fs::read_to_string(path).ok()
+    }
+
+    pub fn log(&self, i: usize) -> String {
+        tail(&self.agents[i].3.join("agent.log"), 60)
+    }
+
+    pub fn push(&self, repo: &Repo, project: &str) {
+        let out = repo.push(&self.gitstore.git_url(&self.token, project), &["main"]);
+        assert!(out.ok, "push to {project} failed: {}", out.stderr);
+    }
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        for i in 0..self.agents.len() {
+            if std::thread::panicking() && self.alive(i) {
+                eprintln!("--- {} log ---\n{}\n---", self.agents[i].0, self.log(i));
+            }
+            self.kill(i);
+        }
+    }
+}
+
 fn spawn_agent(
     dir: &Path,
     port: u16,
