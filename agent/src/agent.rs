@@ -757,6 +757,23 @@ impl Agent {
         }
     }
 
+    /// `host:port` serving `project`'s previews: this agent's advertised address while it holds
+    /// the lease, else the live holder's; empty when nobody live holds it, leases are off, or
+    /// the store does not answer.
+    pub(crate) async fn preview_route(&self, project: &ProjectId) -> String {
+        let Some(o) = &self.ownership else {
+            return String::new();
+        };
+        if o.trusted(project.as_str()) {
+            return o.preview().to_owned();
+        }
+        match gitstore::lease::read(&self.store, project).await {
+            // Also this agent's own lease from before a restart: its disk still has the builds.
+            Ok(Some(l)) if l.live() => l.preview,
+            _ => String::new(),
+        }
+    }
+
     async fn is_mine(&self, project: &ProjectId) -> bool {
         match self.owner(project).await {
             Ok(crate::ownership::Owner::Me) => true,

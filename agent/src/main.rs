@@ -159,6 +159,10 @@ struct ServeArgs {
     /// `http://<listen address>`).
     #[arg(long, env = "KILN_AGENT_ADVERTISE_URL")]
     advertise_url: Option<String>,
+    /// `host:port` of the nginx that serves this agent's previews, where a front door
+    /// (`kiln nginx render --route-agents`) sends the previews of the projects it holds.
+    #[arg(long, env = "KILN_AGENT_ADVERTISE_PREVIEW", default_value = "")]
+    advertise_preview: String,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -367,8 +371,14 @@ fn lease_config(a: &ServeArgs) -> anyhow::Result<Option<agent::ownership::LeaseC
         gitstore::lease::valid_agent_id(&id),
         "agent id {id:?} must be 1 to 63 of a-z, 0-9, '.', '_' and '-', starting with a letter or digit: set KILN_AGENT_ID"
     );
+    let preview = a.advertise_preview.trim().to_owned();
+    ensure!(
+        preview.is_empty() || valid_host_port(&preview),
+        "KILN_AGENT_ADVERTISE_PREVIEW={preview:?} must be host:port (letters, digits, '.', '-', and a port), e.g. 10.0.0.5:8080"
+    );
     Ok(Some(agent::ownership::LeaseConfig {
         id,
+        preview,
         url: a
             .advertise_url
             .clone()
@@ -376,6 +386,19 @@ fn lease_config(a: &ServeArgs) -> anyhow::Result<Option<agent::ownership::LeaseC
         term: Duration::from_secs(a.lease_secs),
         capacity: a.lease_capacity.max(1),
     }))
+}
+
+/// A name nginx can put in `proxy_pass http://<it>` unchanged: host (or IPv4) and port.
+fn valid_host_port(s: &str) -> bool {
+    let Some((host, port)) = s.rsplit_once(':') else {
+        return false;
+    };
+    !host.is_empty()
+        && host.len() <= 253
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-')
+        && port.parse::<u16>().is_ok_and(|p| p > 0)
 }
 
 /// `name` (looked up in /etc/passwd) or `uid:gid`.

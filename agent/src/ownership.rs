@@ -19,6 +19,8 @@ use gitstore::project::ProjectId;
 pub struct LeaseConfig {
     pub id: String,
     pub url: String,
+    /// `host:port` serving this agent's previews, for a front door (empty: not advertised).
+    pub preview: String,
     pub term: Duration,
     /// The most projects it holds at once.
     pub capacity: usize,
@@ -49,6 +51,7 @@ impl Ownership {
             me: Claimant {
                 id: cfg.id.clone(),
                 url: cfg.url.clone(),
+                preview: cfg.preview.clone(),
                 term: cfg.term,
             },
             capacity: cfg.capacity,
@@ -59,6 +62,10 @@ impl Ownership {
 
     pub(crate) fn id(&self) -> &str {
         &self.me.id
+    }
+
+    pub(crate) fn preview(&self) -> &str {
+        &self.me.preview
     }
 
     pub(crate) fn term(&self) -> Duration {

@@ -209,6 +209,7 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/api/retention", get(retention_report))
         .route("/api/retention/run", post(retention_run))
         .route("/share/{token}", get(open_share))
+        .route("/route/{project}", get(route))
         .layer(DefaultBodyLimit::max(64 << 10))
         .with_state(app)
 }
@@ -773,6 +774,21 @@ async fn export(
         header::HeaderValue::from_str(&commit).expect("hex is header-safe"),
     );
     Ok(r)
+}
+
+/// `GET /route/{project}`: where the project's previews are served, for a front door's
+/// `auth_request` (nginx/nginx.conf.tera): 204 with `X-Kiln-Route: host:port` of the nginx of the
+/// agent that holds the lease, or `none` when no live agent holds it or its holder advertises no
+/// preview address. Unauthenticated, like the previews themselves; only the front door asks.
+async fn route(State(app): State<App>, Path(raw): Path<String>) -> ApiResult<Response> {
+    let project = project_id(&raw)?;
+    let to = app.agent.preview_route(&project).await;
+    let to = if to.is_empty() { "none".to_owned() } else { to };
+    Ok((
+        StatusCode::NO_CONTENT,
+        [("x-kiln-route", to), ("cache-control", "max-age=2".into())],
+    )
+        .into_response())
 }
 
 async fn healthz(State(app): State<App>) -> Response {

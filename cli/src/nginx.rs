@@ -168,6 +168,16 @@ pub(crate) struct Settings {
         value_name = "DIR"
     )]
     modules_dir: PathBuf,
+    /// A front door for several build VMs: the agents' API addresses (comma or space separated).
+    /// Each preview request asks one of them (`/route/<project>`) which VM's nginx serves the
+    /// project, and is proxied there; nothing is served from this machine's disk.
+    #[arg(
+        long,
+        env = "KILN_ROUTE_AGENTS",
+        value_name = "ADDRS",
+        default_value = ""
+    )]
+    route_agents: String,
     /// Read nginx.conf.tera and 404.html.tera from DIR instead of the built-in copies.
     #[arg(long, env = "KILN_NGINX_TEMPLATES", value_name = "DIR")]
     templates: Option<PathBuf>,
@@ -268,6 +278,8 @@ struct Context {
     brotli_module: Option<String>,
     frame_ancestors: String,
     pages: Pages,
+    /// Agents asked where a project's previews are (front door mode); empty: served from disk.
+    route_agents: Vec<String>,
 }
 
 #[derive(serde::Serialize)]
@@ -467,6 +479,12 @@ pub(crate) fn render(s: &Settings) -> Result<Rendered, RenderError> {
         brotli_module,
         frame_ancestors: frame_ancestors(s.generator_origins.as_deref())?,
         pages,
+        route_agents: s
+            .route_agents
+            .split(|c: char| c == ',' || c.is_whitespace())
+            .filter(|a| !a.is_empty())
+            .map(|a| upstream("KILN_ROUTE_AGENTS", a))
+            .collect::<Result<_, _>>()?,
     };
     let ctx = tera::Context::from_serialize(&ctx).map_err(|source| RenderError::Template {
         name: CONF_NAME,
@@ -945,6 +963,28 @@ mod tests {
         assert!(r
             .conf
             .contains("return 301 https://$host:8443$request_uri;"));
+    }
+
+    #[test]
+    fn a_front_door_routes_previews_to_the_agents_and_serves_nothing_from_disk() {
+        for mode in [
+            "http://127.0.0.1:8080/preview",
+            "https://{project}.preview.example.com",
+        ] {
+            let r = render_with(&[
+                "--preview-url",
+                mode,
+                "--route-agents",
+                "10.0.0.4:7080, 10.0.0.5:7080",
+            ])
+            .unwrap();
+            assert!(r.conf.contains("server 10.0.0.4:7080 max_fails=1"), "{mode}");
+            assert!(r.conf.contains("server 10.0.0.5:7080 max_fails=1"), "{mode}");
+            assert!(r.conf.contains("auth_request /_kiln_route;"), "{mode}");
+            assert!(!r.conf.contains("/current"), "{mode}: serves from disk");
+        }
+        let e = setting_error(&["--route-agents", "10.0.0.4:7080;deny"]);
+        assert!(e.contains("KILN_ROUTE_AGENTS"), "{e}");
     }
 
     #[test]

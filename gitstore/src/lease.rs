@@ -26,6 +26,10 @@ pub struct Lease {
     pub agent: String,
     /// Where the holder answers its API, for whoever must reach the project's builder.
     pub url: String,
+    /// `host:port` of the server that serves the holder's previews (empty: not advertised), for
+    /// a front door routing preview traffic.
+    #[serde(default)]
+    pub preview: String,
     /// Unix milliseconds, by the holder's clock, after which anyone may take the lease over.
     pub expires_at_ms: u64,
     /// Counts the claims of this lease: a renewal keeps it, a takeover adds one, so a holder's
@@ -39,11 +43,12 @@ impl Lease {
     }
 }
 
-/// Who claims: an agent's id, its address and the term of the leases it writes.
+/// Who claims: an agent's id, its addresses and the term of the leases it writes.
 #[derive(Clone, Debug)]
 pub struct Claimant {
     pub id: String,
     pub url: String,
+    pub preview: String,
     pub term: Duration,
 }
 
@@ -67,6 +72,8 @@ pub enum Claim {
 pub struct AgentRecord {
     pub id: String,
     pub url: String,
+    #[serde(default)]
+    pub preview: String,
     /// Unix milliseconds: after this the agent is presumed dead.
     pub expires_at_ms: u64,
     /// Leases it held when it wrote this.
@@ -100,6 +107,7 @@ async fn read_versioned(
         Lease {
             agent: String::new(),
             url: String::new(),
+            preview: String::new(),
             expires_at_ms: 0,
             tenure: 0,
         }
@@ -122,6 +130,7 @@ pub async fn claim(store: &BlobStore, p: &ProjectId, me: &Claimant) -> Result<Cl
         let lease = Lease {
             agent: me.id.clone(),
             url: me.url.clone(),
+            preview: me.preview.clone(),
             expires_at_ms: now_ms() + me.term.as_millis() as u64,
             tenure,
         };
@@ -143,6 +152,7 @@ pub async fn claim(store: &BlobStore, p: &ProjectId, me: &Claimant) -> Result<Cl
         None => Ok(Claim::Taken(Lease {
             agent: String::new(),
             url: String::new(),
+            preview: String::new(),
             expires_at_ms: 0,
             tenure: 0,
         })),
@@ -202,6 +212,7 @@ pub async fn announce(store: &BlobStore, me: &Claimant, holding: usize) -> Resul
     let record = AgentRecord {
         id: me.id.clone(),
         url: me.url.clone(),
+        preview: me.preview.clone(),
         expires_at_ms: now_ms() + me.term.as_millis() as u64,
         holding,
     };
@@ -248,6 +259,7 @@ mod tests {
         Claimant {
             id: id.into(),
             url: format!("http://{id}"),
+            preview: format!("{id}:80"),
             term: Duration::from_millis(term_ms),
         }
     }

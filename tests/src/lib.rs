@@ -1402,57 +1402,133 @@ impl Drop for Stack {
 /// front door would be. All are killed on drop.
 pub struct Fleet {
     pub gitstore: Gitstore,
-    agents: Vec<(String, u16, Option<Child>, PathBuf)>,
+    members: Vec<Member>,
     /// A client token that owns the projects the test pushes.
     pub token: String,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
+
+struct Member {
+    id: String,
+    port: u16,
+    child: Option<Child>,
+    home: PathBuf,
+    /// The nginx serving this agent's previews (path mode, under /preview), as on its VM.
+    nginx: Option<Nginx>,
+}
+
+/// The preview URL of fleet agents and their nginx: path mode under `/preview`.
+const FLEET_PREVIEWS: &str = "http://127.0.0.1:9/preview";
 
 impl Fleet {
     pub fn start(az: &Azurite, container: &str, n: usize, lease_secs: u64) -> Self {
+        Self::start_full(az, container, n, lease_secs, false)
+    }
+
+    /// Like [`Fleet::start`], with an nginx per agent serving its previews, each agent
+    /// advertising its nginx for a front door.
+    pub fn start_with_previews(az: &Azurite, container: &str, n: usize, lease_secs: u64) -> Self {
+        Self::start_full(az, container, n, lease_secs, true)
+    }
+
+    fn start_full(
+        az: &Azurite,
+        container: &str,
+        n: usize,
+        lease_secs: u64,
+        previews: bool,
+    ) -> Self {
         require_tool("unshare", "apt-get install -y util-linux");
         let dir = tempfile::Builder::new()
             .prefix("kiln-fleet-")
             .tempdir()
             .expect("temp dir");
         let store = (format!("az://{container}"), az.env());
-        let mut agents = Vec::new();
+        let mut members = Vec::new();
+        let mut nginx_ports = Vec::new();
         for i in 0..n {
-            let (id, port) = (format!("agent-{i}"), free_port());
+            let (id, port, nginx_port) = (format!("agent-{i}"), free_port(), free_port());
             let home = dir.path().join(&id);
             std::fs::create_dir_all(&home).expect("agent dir");
-            let args: Vec<String> = [
+            let mut args: Vec<String> = [
                 "--lease-secs",
                 &lease_secs.to_string(),
                 "--agent-id",
                 &id,
                 "--advertise-url",
                 &format!("http://127.0.0.1:{port}"),
+                "--preview-url",
+                FLEET_PREVIEWS,
             ]
             .map(str::to_owned)
             .into();
+            if previews {
+                args.extend([
+                    "--advertise-preview".into(),
+                    format!("127.0.0.1:{nginx_port}"),
+                ]);
+            }
             let child = spawn_agent(&home, port, &args, Some(&store));
-            agents.push((id, port, Some(child), home));
+            members.push(Member {
+                id,
+                port,
+                child: Some(child),
+                home,
+                nginx: None,
+            });
+            nginx_ports.push(nginx_port);
         }
-        let urls: Vec<String> = agents
+        let urls: Vec<String> = members
             .iter()
-            .map(|(_, port, _, _)| format!("http://127.0.0.1:{port}"))
+            .map(|m| format!("http://127.0.0.1:{}", m.port))
             .collect();
         let gitstore = Gitstore::start_with(Options {
             args: vec!["--agent-url".into(), urls.join(",")],
             ..az.gitstore_options(container)
         });
         let token = gitstore.create_client("fleet-tests");
-        let fleet = Self {
+        let mut fleet = Self {
             gitstore,
-            agents,
+            members,
             token,
-            _dir: dir,
+            dir,
         };
         for i in 0..n {
             fleet.wait_answering(i);
         }
+        if previews {
+            use std::os::unix::fs::PermissionsExt;
+            let open = std::fs::Permissions::from_mode(0o755);
+            std::fs::set_permissions(fleet.dir.path(), open.clone()).expect("chmod");
+            for (m, port) in fleet.members.iter_mut().zip(nginx_ports) {
+                std::fs::set_permissions(&m.home, open.clone()).expect("chmod");
+                let www = m.home.join("www");
+                m.nginx = Some(Nginx::start(port, &www, &["--preview-url", FLEET_PREVIEWS]));
+            }
+        }
         fleet
+    }
+
+    /// A front door nginx on a free port: previews routed to the agent that holds each
+    /// project's lease, by asking the agents (`kiln nginx render --route-agents`).
+    pub fn front_door(&self) -> Nginx {
+        let agents: Vec<String> = self
+            .members
+            .iter()
+            .map(|m| format!("127.0.0.1:{}", m.port))
+            .collect();
+        let empty = self.dir.path().join("front-door-www");
+        std::fs::create_dir_all(&empty).expect("mkdir");
+        Nginx::start(
+            free_port(),
+            &empty,
+            &[
+                "--preview-url",
+                FLEET_PREVIEWS,
+                "--route-agents",
+                &agents.join(","),
+            ],
+        )
     }
 
     fn wait_answering(&self, i: usize) {
@@ -1461,7 +1537,7 @@ impl Fleet {
             assert!(
                 started.elapsed() < Duration::from_secs(120),
                 "{} did not answer within 120 s:\n{}",
-                self.agents[i].0,
+                self.members[i].id,
                 self.log(i)
             );
             std::thread::sleep(Duration::from_millis(100));
@@ -1469,30 +1545,31 @@ impl Fleet {
     }
 
     pub fn len(&self) -> usize {
-        self.agents.len()
+        self.members.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.agents.is_empty()
+        self.members.is_empty()
     }
 
     pub fn id(&self, i: usize) -> &str {
-        &self.agents[i].0
+        &self.members[i].id
     }
 
     pub fn url(&self, i: usize) -> String {
-        format!("http://127.0.0.1:{}", self.agents[i].1)
+        format!("http://127.0.0.1:{}", self.members[i].port)
     }
 
     pub fn alive(&self, i: usize) -> bool {
-        self.agents[i].2.is_some()
+        self.members[i].child.is_some()
     }
 
-    /// SIGKILLs agent `i` and everything it started, as when its machine dies.
+    /// SIGKILLs agent `i`, everything it started and its nginx, as when its machine dies.
     pub fn kill(&mut self, i: usize) {
-        if let Some(mut c) = self.agents[i].2.take() {
+        if let Some(mut c) = self.members[i].child.take() {
             kill_group(&mut c);
         }
+        self.members[i].nginx = None;
     }
 
     /// A request to agent `i` with the client token.
@@ -1508,8 +1585,8 @@ impl Fleet {
 
     /// Agent `i`'s published file `rel` of `project`'s current build.
     pub fn published(&self, i: usize, project: &str, rel: &str) -> Option<String> {
-        let path = self.agents[i]
-            .3
+        let path = self.members[i]
+            .home
             .join("www")
             .join(project)
             .join("current")
@@ -1518,7 +1595,7 @@ impl Fleet {
     }
 
     pub fn log(&self, i: usize) -> String {
-        tail(&self.agents[i].3.join("agent.log"), 60)
+        tail(&self.members[i].home.join("agent.log"), 60)
     }
 
     pub fn push(&self, repo: &Repo, project: &str) {
@@ -1529,9 +1606,9 @@ impl Fleet {
 
 impl Drop for Fleet {
     fn drop(&mut self) {
-        for i in 0..self.agents.len() {
+        for i in 0..self.members.len() {
             if std::thread::panicking() && self.alive(i) {
-                eprintln!("--- {} log ---\n{}\n---", self.agents[i].0, self.log(i));
+                eprintln!("--- {} log ---\n{}\n---", self.members[i].id, self.log(i));
             }
             self.kill(i);
         }

@@ -163,3 +163,84 @@ fn leases_on_a_store_that_cannot_replace_conditionally_are_refused_at_start() {
         "the refusal does not say what to change:\n{said}"
     );
 }
+
+/// What the front door serves at `/preview/<project>/`, once it is a 200 containing `want`.
+fn wait_served(door: &Nginx, project: &str, want: &str, timeout: Duration) -> Response {
+    let started = Instant::now();
+    let mut last = None;
+    while started.elapsed() < timeout {
+        let r = door.get(&format!("/preview/{project}/"), &[]);
+        if r.status == 200 && r.body.contains(want) {
+            return r;
+        }
+        last = Some((r.status, r.body));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    panic!(
+        "the front door did not serve {want:?} for {project} within {timeout:?}; last: {last:?}\n{}",
+        door.error_log()
+    );
+}
+
+#[test]
+fn a_front_door_sends_each_preview_to_the_machine_that_builds_it_and_follows_a_takeover() {
+    let az = Azurite::start();
+    az.create_container("door");
+    let mut f = Fleet::start_with_previews(&az, "door", 3, LEASE_SECS);
+    let door = f.front_door();
+    let work = tempfile::tempdir().unwrap();
+
+    // Unknown to every agent: no machine serves it, and the door says so rather than erring.
+    let r = door.get("/preview/nobody-has-this/", &[]);
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert!(
+        r.body.contains("No build machine serves this project"),
+        "{}",
+        r.body
+    );
+
+    let mut owners = BTreeMap::new();
+    for n in 0..4 {
+        let p = format!("routed-{n}");
+        let repo = Repo::init(&work.path().join(&p));
+        let c = repo.commit_file("index.html", format!("<h1>{p} v1</h1>\n"));
+        f.push(&repo, &p);
+        let owner = wait_owner(&f, &p, &c, Duration::from_secs(60));
+        // Served through the door from the owner's disk alone: no other machine has it.
+        let r = wait_served(&door, &p, &format!("{p} v1"), Duration::from_secs(10));
+        assert_eq!(r.header("x-content-type-options"), Some("nosniff"), "{r:?}");
+        for i in (0..f.len()).filter(|&i| i != owner) {
+            assert!(
+                f.published(i, &p, "index.html").is_none(),
+                "{p} also on {}",
+                f.id(i)
+            );
+        }
+        owners.insert(p, owner);
+    }
+
+    // The machine of one project dies: agent and nginx. The door serves it again from the agent
+    // that takes the lease over.
+    let (p, &victim) = owners.iter().next().unwrap();
+    f.kill(victim);
+    let killed = Instant::now();
+    wait_served(
+        &door,
+        p,
+        &format!("{p} v1"),
+        Duration::from_secs(LEASE_SECS * 8),
+    );
+    eprintln!(
+        "{p} served through the front door again {:?} after its machine died",
+        killed.elapsed()
+    );
+    // Every other project is still served.
+    for q in owners.keys() {
+        wait_served(
+            &door,
+            q,
+            &format!("{q} v1"),
+            Duration::from_secs(LEASE_SECS * 8),
+        );
+    }
+}
