@@ -227,6 +227,29 @@ impl Agent {
         gitstore::sync::sync_repo(&self.store, project, &self.repo_path(project.as_str())).await
     }
 
+    /// Replaces the project's local repository with a fresh copy from the store: the repair of
+    /// a damaged disk cache. The old one is renamed away first, so no reader sees it half gone.
+    pub(crate) async fn refetch_repo(
+        &self,
+        project: &ProjectId,
+    ) -> Result<gitstore::sync::SyncReport, gitstore::sync::SyncError> {
+        let locks = self.locks(project.as_str());
+        let _one_at_a_time = locks.repo.lock().await;
+        let repo = self.repo_path(project.as_str());
+        let damaged = repo.with_extension("git.damaged");
+        let _ = std::fs::remove_dir_all(&damaged);
+        if let Err(e) = std::fs::rename(&repo, &damaged) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                return Err(gitstore::sync::SyncError::Io {
+                    path: repo,
+                    source: e,
+                });
+            }
+        }
+        let _ = std::fs::remove_dir_all(&damaged);
+        gitstore::sync::sync_repo(&self.store, project, &repo).await
+    }
+
     /// After a sync the store failed (an outage, a timeout): asks for the build again later,
     /// with backoff, so that a push acknowledged just before the outage is built once the store
     /// is back without another push. Returns what to tell the user.
@@ -235,7 +258,7 @@ impl Agent {
         project: &ProjectId,
         e: &gitstore::sync::SyncError,
     ) -> String {
-        if matches!(e, gitstore::sync::SyncError::CorruptPack { .. }) {
+        if e.is_damage() {
             return String::new();
         }
         let attempt = {

@@ -40,6 +40,7 @@ pub(crate) struct Counters {
     pub(crate) warm_live: AtomicU64,
     pub(crate) leases_held: AtomicU64,
     pub(crate) leases_lost: AtomicU64,
+    pub(crate) repo_repairs: AtomicU64,
 }
 
 impl std::ops::Deref for Metrics {
@@ -134,6 +135,12 @@ impl Metrics {
             "counter",
             "Leases taken over or not renewed in time: their builds were stopped.",
             vec![(String::new(), g(&self.leases_lost))],
+        );
+        family(
+            "kiln_agent_repo_repairs_total",
+            "counter",
+            "Local repositories found damaged and fetched again from the blob store.",
+            vec![(String::new(), g(&self.repo_repairs))],
         );
         family(
             "kiln_agent_fetched_bytes_total",

@@ -229,25 +229,45 @@ async fn steps(
     };
     let worktree = dir.join("worktree");
     let record = dir.join("checkout.json");
-    let (files, report) = {
+    let checkout = || {
         let (repo, worktree, record, commit) = (
             repo.clone(),
             worktree.clone(),
             record.clone(),
             commit.clone(),
         );
-        tokio::task::spawn_blocking(move || -> Result<_, String> {
-            let objects = gix::odb::at(repo.join("objects"), gix::hash::Kind::Sha1)
-                .map_err(|e| e.to_string())?;
-            let tree = commit_tree(&objects, &commit)?;
-            let files = checkout::flatten(&objects, tree).map_err(|e| e.to_string())?;
-            let report = checkout::checkout(&objects, tree, &files, &worktree, &record, owner)
-                .map_err(|e| e.to_string())?;
-            Ok((files, report))
-        })
-        .await
-        .expect("checkout task")
-        .map_err(|e| Failure::failed(format!("checkout failed: {e}")))?
+        async move {
+            tokio::task::spawn_blocking(move || {
+                read_and_checkout(&repo, &worktree, &record, &commit, owner)
+            })
+            .await
+            .expect("checkout task")
+        }
+    };
+    let (files, report) = match checkout().await {
+        Ok(done) => done,
+        // Objects this machine's copy should hold cannot be read: a damaged disk cache. The
+        // store is the truth: fetch the repository again, whole, and try once more.
+        Err(CheckoutFailure::Objects(e)) => {
+            log.note(&format!(
+                "this machine's copy of the repository is damaged ({e}): fetching it again from the blob store"
+            ));
+            agent.metrics.inc(&agent.metrics.repo_repairs);
+            let again = agent.refetch_repo(&pid).await.map_err(|e| {
+                Failure::failed(format!("checkout failed: the local repository was damaged and fetching it again failed: {e}"))
+            })?;
+            log.note(&format!(
+                "fetched {} pack(s), {} bytes again",
+                again.packs_fetched, again.bytes_fetched
+            ));
+            checkout().await.map_err(|e| {
+                Failure::failed(format!(
+                    "checkout failed, also from a fresh copy of the blob store's data: {}",
+                    e.message()
+                ))
+            })?
+        }
+        Err(e) => return Err(Failure::failed(format!("checkout failed: {}", e.message()))),
     };
     log.note(&format!(
         "checkout: {} written, {} deleted{}",
@@ -533,6 +553,42 @@ async fn preview_ref(repo: &Path) -> Result<(String, String), String> {
         .await
         .map_err(|e| e.to_string())?
         .ok_or_else(|| "the project has no branch yet: push one (main is built)".to_owned())
+}
+
+enum CheckoutFailure {
+    /// Git objects could not be read: the repository on disk is damaged or incomplete.
+    Objects(String),
+    /// Anything else: the tree itself is refused, or the worktree cannot be written.
+    Other(String),
+}
+
+impl CheckoutFailure {
+    fn message(&self) -> &str {
+        match self {
+            Self::Objects(m) | Self::Other(m) => m,
+        }
+    }
+}
+
+fn read_and_checkout(
+    repo: &Path,
+    worktree: &Path,
+    record: &Path,
+    commit: &str,
+    owner: Owner,
+) -> Result<(checkout::Flat, checkout::CheckoutReport), CheckoutFailure> {
+    let objects = |e: String| CheckoutFailure::Objects(e);
+    let classify = |e: checkout::CheckoutError| match e {
+        checkout::CheckoutError::Objects(m) => CheckoutFailure::Objects(m),
+        other => CheckoutFailure::Other(other.to_string()),
+    };
+    let odb = gix::odb::at(repo.join("objects"), gix::hash::Kind::Sha1)
+        .map_err(|e| objects(e.to_string()))?;
+    let tree = commit_tree(&odb, commit).map_err(objects)?;
+    let files = checkout::flatten(&odb, tree).map_err(classify)?;
+    let report =
+        checkout::checkout(&odb, tree, &files, worktree, record, owner).map_err(classify)?;
+    Ok((files, report))
 }
 
 pub(crate) fn commit_tree(

@@ -978,8 +978,14 @@ mod tests {
                 "10.0.0.4:7080, 10.0.0.5:7080",
             ])
             .unwrap();
-            assert!(r.conf.contains("server 10.0.0.4:7080 max_fails=1"), "{mode}");
-            assert!(r.conf.contains("server 10.0.0.5:7080 max_fails=1"), "{mode}");
+            assert!(
+                r.conf.contains("server 10.0.0.4:7080 max_fails=1"),
+                "{mode}"
+            );
+            assert!(
+                r.conf.contains("server 10.0.0.5:7080 max_fails=1"),
+                "{mode}"
+            );
             assert!(r.conf.contains("auth_request /_kiln_route;"), "{mode}");
             assert!(!r.conf.contains("/current"), "{mode}: serves from disk");
         }

@@ -46,6 +46,15 @@ pub enum SyncError {
     },
     #[error("pack {name} in the blob store is corrupt: {what}; it was not used")]
     CorruptPack { name: String, what: String },
+    #[error("pack {name} is listed by the project's manifest but its .{ext} is missing from the blob store: the store is damaged")]
+    MissingPack { name: String, ext: &'static str },
+}
+
+impl SyncError {
+    /// The store's data itself is wrong (a corrupt or missing pack): trying again cannot help.
+    pub fn is_damage(&self) -> bool {
+        matches!(self, Self::CorruptPack { .. } | Self::MissingPack { .. })
+    }
 }
 
 /// Sync state kept beside the repository: the generation it matches, and compacted packs it does
@@ -240,7 +249,7 @@ async fn fetch_verified(
     store: &BlobStore,
     project: &ProjectId,
     entry: &PackEntry,
-    ext: &str,
+    ext: &'static str,
     dest: &Path,
     add: &(dyn Fn(u64) + Send + Sync),
 ) -> Result<u64, SyncError> {
@@ -279,6 +288,13 @@ async fn fetch_verified(
             StoreError::Backend { .. } if got > size => {
                 corrupt(format!(".{ext} is larger than the {size} bytes recorded"))
             }
+            StoreError::Backend {
+                source: object_store::Error::NotFound { .. },
+                ..
+            } => SyncError::MissingPack {
+                name: entry.name.clone(),
+                ext,
+            },
             e => SyncError::Store(e),
         })?;
     if got != size {
