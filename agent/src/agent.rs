@@ -657,7 +657,7 @@ impl Agent {
         let listed = self.store.projects().await?;
         // With leases, only the projects this agent holds or may claim: those that look free.
         let candidates = match &self.ownership {
-            Some(o) => gitstore::lease::unclaimed(&self.store, o.term()).await?,
+            Some(o) => gitstore::lease::unclaimed(&self.store, &listed, o.term()).await?,
             None => listed.clone(),
         };
         for id in &candidates {

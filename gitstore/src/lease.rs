@@ -20,7 +20,7 @@ use crate::blob::{keys, BlobStore, StoreError, Version};
 use crate::project::ProjectId;
 
 /// A project's lease as stored.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Lease {
     /// The holder's id.
     pub agent: String,
@@ -104,13 +104,7 @@ async fn read_versioned(
     };
     let lease = serde_json::from_slice(&bytes).unwrap_or_else(|e| {
         log::warn!(project = p.as_str(), error:% = e; "unreadable lease; treated as run out");
-        Lease {
-            agent: String::new(),
-            url: String::new(),
-            preview: String::new(),
-            expires_at_ms: 0,
-            tenure: 0,
-        }
+        Lease::default()
     });
     Ok(Some((lease, version)))
 }
@@ -149,13 +143,7 @@ pub async fn claim(store: &BlobStore, p: &ProjectId, me: &Claimant) -> Result<Cl
     match read(store, p).await? {
         Some(l) => Ok(Claim::Taken(l)),
         // Released between our two reads; the next claim will find it free.
-        None => Ok(Claim::Taken(Lease {
-            agent: String::new(),
-            url: String::new(),
-            preview: String::new(),
-            expires_at_ms: 0,
-            tenure: 0,
-        })),
+        None => Ok(Claim::Taken(Lease::default())),
     }
 }
 
@@ -189,11 +177,14 @@ pub async fn remove(store: &BlobStore, held: &Held) -> Result<(), StoreError> {
     store.delete(&keys::lease(&held.project)).await
 }
 
-/// Projects that may be free: those without a lease, and those whose lease was last written more
-/// than a term ago (by the store's clock; [`claim`] decides by the lease itself). Two listings,
-/// whatever the number of projects' objects.
-pub async fn unclaimed(store: &BlobStore, term: Duration) -> Result<Vec<ProjectId>, StoreError> {
-    let projects = store.projects().await?;
+/// Of `projects` (the store's listing), those that may be free: without a lease, or with one last
+/// written more than a term ago (by the store's clock; [`claim`] decides by the lease itself).
+/// One listing of `leases/`, whatever the number of projects' objects.
+pub async fn unclaimed(
+    store: &BlobStore,
+    projects: &[ProjectId],
+    term: Duration,
+) -> Result<Vec<ProjectId>, StoreError> {
     let leases = store.list(&keys::leases(), None).await?;
     let stale_before = (now_ms() / 1000).saturating_sub(term.as_secs().max(1));
     let fresh: std::collections::HashSet<String> = leases
@@ -202,8 +193,9 @@ pub async fn unclaimed(store: &BlobStore, term: Duration) -> Result<Vec<ProjectI
         .filter_map(|l| l.name.strip_suffix(".json").map(str::to_owned))
         .collect();
     Ok(projects
-        .into_iter()
+        .iter()
         .filter(|p| !fresh.contains(p.as_str()))
+        .cloned()
         .collect())
 }
 

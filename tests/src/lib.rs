@@ -1232,26 +1232,17 @@ impl Stack {
     /// Starts the agent again and waits only until it answers, healthy or not (its blob store
     /// may be down).
     pub fn restart_agent_unchecked(&mut self) {
-        kill_group(&mut self.agent);
-        self.agent = spawn_agent(
-            self.dir.path(),
-            self.agent_port,
-            &self.agent_args,
-            self.agent_store.as_ref(),
-        );
-        let started = Instant::now();
-        while try_http("GET", &format!("{}/healthz", self.agent_url()), &[], b"").is_err() {
-            assert!(
-                started.elapsed() < Duration::from_secs(120),
-                "kiln-agent did not answer within 120 s:\n{}",
-                self.agent_log()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        self.respawn_agent();
+        wait_answering(&self.agent_url(), "kiln-agent", || self.agent_log());
     }
 
     /// Starts the agent again on the same state, port and arguments.
     pub fn restart_agent(&mut self) {
+        self.respawn_agent();
+        self.wait_agent_healthy();
+    }
+
+    fn respawn_agent(&mut self) {
         kill_group(&mut self.agent);
         self.agent = spawn_agent(
             self.dir.path(),
@@ -1259,7 +1250,6 @@ impl Stack {
             &self.agent_args,
             self.agent_store.as_ref(),
         );
-        self.wait_agent_healthy();
     }
 
     pub fn agent_log(&self) -> String {
@@ -1494,7 +1484,7 @@ impl Fleet {
             dir,
         };
         for i in 0..n {
-            fleet.wait_answering(i);
+            wait_answering(&fleet.url(i), fleet.id(i), || fleet.log(i));
         }
         if previews {
             use std::os::unix::fs::PermissionsExt;
@@ -1529,19 +1519,6 @@ impl Fleet {
                 &agents.join(","),
             ],
         )
-    }
-
-    fn wait_answering(&self, i: usize) {
-        let started = Instant::now();
-        while try_http("GET", &format!("{}/healthz", self.url(i)), &[], b"").is_err() {
-            assert!(
-                started.elapsed() < Duration::from_secs(120),
-                "{} did not answer within 120 s:\n{}",
-                self.members[i].id,
-                self.log(i)
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
     }
 
     pub fn len(&self) -> usize {
@@ -1612,6 +1589,19 @@ impl Drop for Fleet {
             }
             self.kill(i);
         }
+    }
+}
+
+/// Waits (120 s at most) until the daemon at `url` answers `/healthz`, healthy or not.
+fn wait_answering(url: &str, name: &str, log: impl Fn() -> String) {
+    let started = Instant::now();
+    while try_http("GET", &format!("{url}/healthz"), &[], b"").is_err() {
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "{name} did not answer within 120 s:\n{}",
+            log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
 
