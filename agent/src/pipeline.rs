@@ -91,6 +91,10 @@ pub(crate) async fn run(
             } else {
                 f
             };
+            let f = match agent.disk_full_message(&f.message) {
+                Some(message) => Failure { message, ..f },
+                None => f,
+            };
             log.note(&format!("{}: {}", f.state.as_str(), f.message));
             agent.update(project, |s| s.finish(f.state, Some(f.message.clone())));
             show_status_page(agent);

@@ -377,7 +377,7 @@ pub struct Disk {
 
 impl Agent {
     /// The fuller of the filesystems holding the state dir and the volume.
-    fn disk(&self) -> Option<Disk> {
+    pub(crate) fn disk(&self) -> Option<Disk> {
         [&self.cfg.state_dir, &self.cfg.volume_dir]
             .into_iter()
             .filter_map(|p| {
@@ -403,6 +403,63 @@ impl Agent {
                 })
             })
             .max_by(|a, b| a.used_percent.total_cmp(&b.used_percent))
+    }
+}
+
+impl Agent {
+    /// For `/healthz`: the disk is a problem once it is nearly out of room, 5% of it or 1 GiB
+    /// left, whichever is less. Past the high-water mark alone is not: eviction is working
+    /// then, and a fixed "1 GiB free" floor would call a small dedicated state disk broken
+    /// while it is empty.
+    pub(crate) fn disk_problem(&self) -> Option<String> {
+        let Some(d) = self.disk() else {
+            return Some(format!(
+                "disk: cannot read the filesystem of {}",
+                self.cfg.state_dir.display()
+            ));
+        };
+        let free = d.size_bytes.saturating_sub(d.used_bytes);
+        (free < (d.size_bytes / 20).min(1 << 30)).then(|| {
+            format!(
+                "disk: {} is {}% used, {} MiB free; builds that need room fail until eviction \
+                 or the operator frees some",
+                d.path,
+                d.used_percent,
+                free >> 20
+            )
+        })
+    }
+
+    /// A build failure a full disk caused, told as such: which filesystem, how full, and what
+    /// happens next. None for any other failure. It reads the message because by now each
+    /// phase has formatted its own error: an `io::Error` says `(os error 28)` for ENOSPC (122,
+    /// EDQUOT, for a quota) whichever step hit it, and node and git say it in words.
+    pub(crate) fn disk_full_message(&self, message: &str) -> Option<String> {
+        if ![
+            "(os error 28)",
+            "(os error 122)",
+            "ENOSPC",
+            "No space left on device",
+        ]
+        .iter()
+        .any(|code| message.contains(code))
+        {
+            return None;
+        }
+        let place = self.disk().map_or_else(
+            || self.cfg.state_dir.display().to_string(),
+            |d| format!("{} is {}% used", d.path, d.used_percent),
+        );
+        let next = if message.contains("(retry ") {
+            "the sync is tried again by itself"
+        } else {
+            "push again or POST /build once there is room"
+        };
+        Some(format!(
+            "this build machine's disk is full ({place}): {message}. The last good preview stays \
+             served; idle projects' worktrees and node_modules are evicted past {}% use, and {next}",
+            self.cfg.disk_high_water
+        ))
     }
 }
 

@@ -800,12 +800,7 @@ async fn healthz(State(app): State<App>) -> Response {
         Err(_) => problems.push("blob store: no answer within 5 s".into()),
     }
     let free = crate::fsutil::disk_free(&app.agent.cfg.state_dir).unwrap_or(0);
-    if free < 1 << 30 {
-        problems.push(format!(
-            "disk: only {} MiB free in the state dir",
-            free >> 20
-        ));
-    }
+    problems.extend(app.agent.disk_problem());
     if let Err(e) = crate::sandbox::check_host() {
         problems.push(format!("sandbox: {e}"));
     }

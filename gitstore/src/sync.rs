@@ -340,9 +340,14 @@ pub(crate) fn write_atomic(path: &Path, data: &[u8]) -> Result<(), SyncError> {
         source,
     };
     let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp).map_err(io)?;
-    f.write_all(data).and_then(|_| f.sync_all()).map_err(io)?;
-    std::fs::rename(&tmp, path).map_err(io)?;
+    let written = std::fs::File::create(&tmp)
+        .and_then(|mut f| f.write_all(data).and_then(|_| f.sync_all()))
+        .and_then(|_| std::fs::rename(&tmp, path));
+    if let Err(e) = written {
+        // A half-written tmp on a full disk would hold on to the room the retry needs.
+        let _ = std::fs::remove_file(&tmp);
+        return Err(io(e));
+    }
     if let Some(dir) = path.parent() {
         sync_dir(dir)?;
     }

@@ -421,6 +421,8 @@ struct WatchFloor {
     child: std::process::Child,
     events: std::sync::mpsc::Receiver<serde_json::Value>,
     dir: PathBuf,
+    /// Where the last build's output is: warm.mjs moves each build's to a directory of its own.
+    out: PathBuf,
 }
 
 impl WatchFloor {
@@ -432,6 +434,8 @@ impl WatchFloor {
             .arg(dir)
             .arg("/")
             .arg(dir.join("dist-watch"))
+            // Its checkout to copy changes from: the floor writes them into the root itself.
+            .arg(dir)
             .current_dir(dir)
             .env("CI", "true")
             .env("NODE_ENV", "production")
@@ -456,16 +460,22 @@ impl WatchFloor {
                 }
             }
         });
-        let w = Self {
+        let mut w = Self {
             child,
             events,
             dir: dir.to_owned(),
+            out: PathBuf::new(),
         };
-        w.until(|e| e["ev"] == "end");
+        w.until_end();
         w
     }
 
-    fn until(&self, mut done: impl FnMut(&serde_json::Value) -> bool) {
+    fn until_end(&mut self) {
+        let end = self.until(|e| e["ev"] == "end");
+        self.out = PathBuf::from(end["out"].as_str().expect("the build's output directory"));
+    }
+
+    fn until(&self, mut done: impl FnMut(&serde_json::Value) -> bool) -> serde_json::Value {
         loop {
             let e = self
                 .events
@@ -473,7 +483,7 @@ impl WatchFloor {
                 .expect("the watcher floor stopped reporting");
             assert!(e["ev"] != "error", "the watcher floor's build failed: {e}");
             if done(&e) {
-                return;
+                return e;
             }
         }
     }
@@ -493,7 +503,7 @@ impl WatchFloor {
         }
         self.until(|e| e["ev"] == "change" && e["id"] == rel);
         self.until(|e| e["ev"] == "start");
-        self.until(|e| e["ev"] == "end");
+        self.until_end();
         ms(t.elapsed())
     }
 }
@@ -659,7 +669,7 @@ fn bench_app(
         let mut watch = |watch_ms: &mut Vec<f64>| {
             watch_ms.push(watcher.rebuild(app.leaf, &content, engine == "fast"));
             assert!(
-                bundle(&base.watch_dir.join("dist-watch")).contains(&text),
+                bundle(&watcher.out).contains(&text),
                 "the watcher floor's build does not hold the change {text:?}"
             );
         };

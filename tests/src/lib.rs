@@ -1109,6 +1109,8 @@ pub struct Stack {
     agent_store: Option<(String, Vec<(String, String)>)>,
     /// A client token that owns the projects the test pushes.
     pub token: String,
+    /// The state dir is a tmpfs of its own (a small disk), unmounted on drop.
+    small_state_disk: bool,
     dir: tempfile::TempDir,
 }
 
@@ -1124,7 +1126,13 @@ impl Stack {
 
     /// Like [`Stack::start_with`], with extra gitstore `serve` arguments too.
     pub fn start_with_gitstore(agent_args: &[&str], gitstore_args: &[&str]) -> Self {
-        Self::start_full(agent_args, gitstore_args, None)
+        Self::start_full(agent_args, gitstore_args, None, None)
+    }
+
+    /// A stack whose agent's state dir (repositories, worktrees, statuses, logs) is a tmpfs of
+    /// `mib` MiB: a small disk a test can fill. Its publish dir and volume stay on the host's.
+    pub fn start_on_small_state_disk(mib: u64, agent_args: &[&str]) -> Self {
+        Self::start_full(agent_args, &[], None, Some(mib))
     }
 
     /// A stack whose gitstore and agent share container `container` of `az`.
@@ -1133,6 +1141,7 @@ impl Stack {
             agent_args,
             &[],
             Some((format!("az://{container}"), az.env())),
+            None,
         )
     }
 
@@ -1140,6 +1149,7 @@ impl Stack {
         agent_args: &[&str],
         gitstore_args: &[&str],
         agent_store: Option<(String, Vec<(String, String)>)>,
+        state_disk_mib: Option<u64>,
     ) -> Self {
         require_tool("pnpm", "npm install -g pnpm@10");
         require_tool("node", "apt-get install -y nodejs npm");
@@ -1150,6 +1160,24 @@ impl Stack {
             .expect("temp dir");
         let store = dir.path().join("store");
         std::fs::create_dir_all(&store).expect("store dir");
+        if let Some(mib) = state_disk_mib {
+            let state = dir.path().join("state");
+            std::fs::create_dir_all(&state).expect("state dir");
+            let out = run(Command::new("mount")
+                .args([
+                    "-t",
+                    "tmpfs",
+                    "-o",
+                    &format!("size={mib}m,mode=0755"),
+                    "tmpfs",
+                ])
+                .arg(&state));
+            assert!(
+                out.ok,
+                "mounting a tmpfs state dir (needs root): {}",
+                out.stderr
+            );
+        }
         let port = free_port();
         let agent_args: Vec<String> = agent_args.iter().map(|s| s.to_string()).collect();
         let agent = spawn_agent(dir.path(), port, &agent_args, agent_store.as_ref());
@@ -1176,6 +1204,7 @@ impl Stack {
             agent_args,
             agent_store,
             token,
+            small_state_disk: state_disk_mib.is_some(),
             dir,
         };
         stack.wait_agent_healthy();
@@ -1383,6 +1412,12 @@ impl Drop for Stack {
                 "--- kiln-agent log ---\n{}\n---",
                 tail(&self.dir.path().join("agent.log"), 60)
             );
+        }
+        if self.small_state_disk {
+            let _ = Command::new("umount")
+                .arg("-l")
+                .arg(self.state_dir())
+                .status();
         }
     }
 }
