@@ -98,6 +98,8 @@ pub struct Agent {
     pub(crate) hostname: String,
     /// The leases of the projects this agent builds, when several agents share the store.
     pub(crate) ownership: Option<crate::ownership::Ownership>,
+    /// Where served builds are mirrored for a CDN, if anywhere.
+    pub(crate) cdn: Option<crate::cdn::Cdn>,
 }
 
 /// What a rollback asks for.
@@ -150,7 +152,12 @@ pub enum Requested {
 
 impl Agent {
     /// Call within a tokio runtime: the notification task starts here.
-    pub fn new(cfg: Config, store: BlobStore, exe: PathBuf) -> Arc<Self> {
+    pub fn new(
+        cfg: Config,
+        store: BlobStore,
+        cdn: Option<crate::cdn::Cdn>,
+        exe: PathBuf,
+    ) -> Arc<Self> {
         let permits = Arc::new(Semaphore::new(cfg.concurrency));
         let quotas = crate::quota::Quotas::new(
             cfg.quota_builds_per_hour,
@@ -163,6 +170,7 @@ impl Agent {
         let ownership = cfg.lease.as_ref().map(crate::ownership::Ownership::new);
         let agent = Arc::new(Self {
             ownership,
+            cdn,
             cfg,
             store,
             exe,
@@ -874,6 +882,10 @@ impl Agent {
             .insert(project.to_owned());
     }
 
+    pub(crate) fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst)
+    }
+
     pub(crate) fn is_gone(&self, project: &str) -> bool {
         self.gone.lock().expect("gone lock").contains(project)
     }
@@ -932,6 +944,7 @@ impl Agent {
         tokio::task::spawn_blocking(move || agent.remove_local(&n))
             .await
             .expect("removal task");
+        self.unmirror(name).await;
         self.slots.lock().expect("slots lock").remove(name);
         self.quotas.clear_refused(name);
         self.shares.forget(name);
@@ -1128,6 +1141,7 @@ impl Agent {
                     .expect("rollback task")?;
             if switched {
                 self.report_build_state(name);
+                self.mirror(name);
                 return Ok(RolledBack::Switched { build, commit });
             }
         }

@@ -14,6 +14,7 @@
 //! and memory capped), `config`, `metrics`.
 
 mod agent;
+pub mod cdn;
 pub mod checkout;
 pub mod config;
 mod engine;

@@ -163,6 +163,16 @@ struct ServeArgs {
     /// (`kiln nginx render --route-agents`) sends the previews of the projects it holds.
     #[arg(long, env = "KILN_AGENT_ADVERTISE_PREVIEW", default_value = "")]
     advertise_preview: String,
+    /// A blob store that a CDN serves from (`az://previews`, `s3://...`, a directory): every
+    /// project's served build is mirrored there as `<project>/<file>`, so previews can be
+    /// served with no VM in the path. Keep it apart from KILN_STORE: this one is public.
+    /// `KILN_CDN_AZURE_*` (`_AWS_*`, `_GOOGLE_*`) variables override the plain ones for it, for
+    /// a store in another account.
+    #[arg(long, env = "KILN_CDN_STORE")]
+    cdn_store: Option<String>,
+    /// Where the CDN serves that store's root, reported in each project's status.
+    #[arg(long, env = "KILN_CDN_URL")]
+    cdn_url: Option<String>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -261,6 +271,18 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         cfg.lease.is_none() || store.replaces_conditionally(),
         "leases need a blob store that replaces conditionally (az://, s3://, gs://); the local filesystem cannot, and one agent needs none: unset KILN_LEASE_SECS"
     );
+    let cdn = match &a.cdn_store {
+        Some(url) => {
+            ensure!(
+                url.trim_end_matches('/') != a.store.trim_end_matches('/'),
+                "KILN_CDN_STORE must not be KILN_STORE: what is mirrored there is public"
+            );
+            let store = gitstore::BlobStore::open_with_env(url, "KILN_CDN_")
+                .context("opening the CDN store")?;
+            Some(agent::cdn::Cdn::new(store, a.cdn_url.clone()))
+        }
+        None => None,
+    };
     let exe = std::env::current_exe().context("finding the agent binary")?;
     log::info!(
         listen:% = a.listen, store = store.url(), concurrency = cfg.concurrency,
@@ -272,11 +294,15 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         "kiln-agent starting"
     );
     let agent_volume = cfg.volume_dir.clone();
-    let agent = agent::Agent::new(cfg, store, exe);
+    if let Some(cdn) = &cdn {
+        log::info!(cdn_store = cdn.store_url(); "served builds are mirrored to the CDN store");
+    }
+    let agent = agent::Agent::new(cfg, store, cdn, exe);
     agent
         .prepare_volume()
         .with_context(|| format!("preparing {}", agent_volume.display()))?;
     agent.recover();
+    agent.mirror_all();
     if agent.ownership_enabled() {
         // Claims, renewals and catching up with the store, every third of a term.
         agent.start_leases();

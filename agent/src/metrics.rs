@@ -41,6 +41,10 @@ pub(crate) struct Counters {
     pub(crate) leases_held: AtomicU64,
     pub(crate) leases_lost: AtomicU64,
     pub(crate) repo_repairs: AtomicU64,
+    pub(crate) cdn_mirrors: AtomicU64,
+    pub(crate) cdn_failures: AtomicU64,
+    pub(crate) cdn_files: AtomicU64,
+    pub(crate) cdn_bytes: AtomicU64,
 }
 
 impl std::ops::Deref for Metrics {
@@ -141,6 +145,30 @@ impl Metrics {
             "counter",
             "Local repositories found damaged and fetched again from the blob store.",
             vec![(String::new(), g(&self.repo_repairs))],
+        );
+        family(
+            "kiln_agent_cdn_mirrors_total",
+            "counter",
+            "Served builds mirrored whole to the CDN store.",
+            vec![(String::new(), g(&self.cdn_mirrors))],
+        );
+        family(
+            "kiln_agent_cdn_failures_total",
+            "counter",
+            "Mirrors to the CDN store that failed (each is tried again).",
+            vec![(String::new(), g(&self.cdn_failures))],
+        );
+        family(
+            "kiln_agent_cdn_uploaded_files_total",
+            "counter",
+            "Files uploaded to the CDN store (unchanged files are not).",
+            vec![(String::new(), g(&self.cdn_files))],
+        );
+        family(
+            "kiln_agent_cdn_uploaded_bytes_total",
+            "counter",
+            "Bytes uploaded to the CDN store.",
+            vec![(String::new(), g(&self.cdn_bytes))],
         );
         family(
             "kiln_agent_fetched_bytes_total",

@@ -102,6 +102,7 @@ pub(crate) async fn run(
             log::warn!(project, build, state = f.state.as_str(), error = f.message; "build did not succeed");
         }
     }
+    agent.mirror(project);
     if agent.is_gone(project) {
         return;
     }

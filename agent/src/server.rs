@@ -520,6 +520,9 @@ async fn status(
     // build that is neither; it belongs to the versions API.
     if let Some(o) = v.as_object_mut() {
         o.remove("history");
+        if let Some(cdn) = app.agent.cdn_status(project.as_str()) {
+            o.insert("cdn".into(), cdn);
+        }
     }
     Ok(Json(v).into_response())
 }

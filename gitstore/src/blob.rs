@@ -38,6 +38,8 @@ pub enum StoreError {
         #[source]
         source: object_store::Error,
     },
+    #[error("{key:?} cannot be a blob store key: {reason}")]
+    InvalidKey { key: String, reason: String },
     #[error("stored record {key} is unreadable: {source}")]
     Corrupt {
         key: String,
@@ -72,6 +74,12 @@ impl BlobStore {
     /// `s3://bucket/prefix`, `gs://bucket/prefix` or `memory://`. Cloud credentials come from the
     /// usual `AZURE_*`, `AWS_*` and `GOOGLE_*` environment variables, as object_store names them.
     pub fn open(url: &str) -> Result<Self, StoreError> {
+        Self::open_with_env(url, "")
+    }
+
+    /// [`BlobStore::open`] where `<prefix>AZURE_*` (and `AWS_*`, `GOOGLE_*`) variables override
+    /// the plain ones: a second store in another account, with its own credentials.
+    pub fn open_with_env(url: &str, prefix: &str) -> Result<Self, StoreError> {
         let invalid = |reason: String| StoreError::InvalidUrl {
             url: url.to_owned(),
             reason,
@@ -92,15 +100,26 @@ impl BlobStore {
             // three minutes of retries.
             let defaults = [("timeout", "30s"), ("connect_timeout", "5s")]
                 .map(|(k, v)| (k.to_owned(), v.to_owned()));
-            let opts: Vec<(String, String)> = defaults
-                .into_iter()
-                .chain(std::env::vars().filter_map(|(k, v)| {
-                    let k = k.to_ascii_lowercase();
+            let vars = |prefix: &str| {
+                let prefix = prefix.to_ascii_lowercase();
+                std::env::vars().filter_map(move |(k, v)| {
+                    let k = k.to_ascii_lowercase().strip_prefix(&prefix)?.to_owned();
                     let known = ["azure_", "aws_", "google_"]
                         .iter()
                         .any(|p| k.starts_with(p));
                     known.then_some((k, v))
-                }))
+                })
+            };
+            // Later options win: the prefixed ones over the plain ones.
+            let opts: Vec<(String, String)> = defaults
+                .into_iter()
+                .chain(vars(""))
+                .chain(
+                    (!prefix.is_empty())
+                        .then(|| vars(prefix))
+                        .into_iter()
+                        .flatten(),
+                )
                 .collect();
             let retry = object_store::RetryConfig {
                 max_retries: 4,
@@ -286,7 +305,7 @@ impl BlobStore {
 
     /// Whether [`BlobStore::swap`] can replace an object: every backend but the local filesystem.
     pub fn replaces_conditionally(&self) -> bool {
-        local_dir(&self.url).is_none()
+        !self.is_local()
     }
 
     pub(crate) async fn delete(&self, key: &Path) -> Result<(), StoreError> {
@@ -403,6 +422,67 @@ impl BlobStore {
             .map(|_| ())
             .map_err(|e| backend("list", &key, e))
     }
+}
+
+/// Files for the public web: a store a CDN serves from, keyed by URL path.
+impl BlobStore {
+    /// Writes `data` at `key` with the headers a CDN passes on. The local filesystem stores no
+    /// headers: whatever serves that directory picks the type by extension.
+    pub async fn put_web_file(
+        &self,
+        key: &str,
+        data: Bytes,
+        content_type: &str,
+        cache_control: &str,
+    ) -> Result<(), StoreError> {
+        let path = web_key(key)?;
+        let mut opts = PutOptions::default();
+        if !self.is_local() {
+            opts.attributes = object_store::Attributes::from_iter([
+                (
+                    object_store::Attribute::ContentType,
+                    content_type.to_owned(),
+                ),
+                (
+                    object_store::Attribute::CacheControl,
+                    cache_control.to_owned(),
+                ),
+            ]);
+        }
+        self.inner
+            .put_opts(&path, PutPayload::from_bytes(data), opts)
+            .await
+            .map(|_| ())
+            .map_err(|e| backend("put", &path, e))
+    }
+
+    /// Every key under `prefix/`, at any depth, as written.
+    pub async fn keys_under(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+        let path = web_key(prefix)?;
+        let metas: Vec<_> = self
+            .inner
+            .list(Some(&path))
+            .try_collect()
+            .await
+            .map_err(|e| backend("list", &path, e))?;
+        Ok(metas.into_iter().map(|m| m.location.to_string()).collect())
+    }
+
+    /// Deletes the object at `key`; none there is no error.
+    pub async fn delete_key(&self, key: &str) -> Result<(), StoreError> {
+        self.delete(&web_key(key)?).await
+    }
+
+    fn is_local(&self) -> bool {
+        local_dir(&self.url).is_some()
+    }
+}
+
+fn web_key(key: &str) -> Result<Path, StoreError> {
+    Path::parse(key).map_err(|e| StoreError::InvalidKey {
+        key: key.to_owned(),
+        reason: e.to_string(),
+    })
 }
 
 fn backend(op: &'static str, key: &Path, source: object_store::Error) -> StoreError {

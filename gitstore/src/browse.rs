@@ -275,7 +275,7 @@ pub(crate) async fn file(repo: &Path, commit: &str, path: &str) -> Result<File, 
 }
 
 /// A Content-Type for a file name, by extension.
-pub(crate) fn content_type(path: &str) -> &'static str {
+pub fn content_type(path: &str) -> &'static str {
     let ext = path
         .rsplit('/')
         .next()

@@ -41,4 +41,5 @@ pub mod systemd;
 pub mod webhook;
 
 pub use blob::BlobStore;
+pub use browse::content_type;
 pub use project::ProjectId;

@@ -1032,6 +1032,55 @@ impl Azurite {
     /// Creates `container` with a SharedKey-signed `PUT ?restype=container` (object_store cannot
     /// create containers); panics unless Azurite answers 201.
     pub fn create_container(&self, container: &str) {
+        self.create_container_with(container, false);
+    }
+
+    /// Creates `container` with anonymous read access to its blobs, as a CDN's origin is.
+    pub fn create_public_container(&self, container: &str) {
+        self.create_container_with(container, true);
+    }
+
+    /// The environment that points a second store, the one of variables named `<prefix>AZURE_*`
+    /// (gitstore's `BlobStore::open_with_env`), at this Azurite by its endpoint, whatever the
+    /// plain variables say.
+    pub fn env_with_prefix(&self, prefix: &str) -> Vec<(String, String)> {
+        [
+            ("AZURE_STORAGE_USE_EMULATOR", "false".to_owned()),
+            (
+                "AZURE_STORAGE_ENDPOINT",
+                format!("http://127.0.0.1:{}/devstoreaccount1", self.port),
+            ),
+            ("AZURE_ALLOW_HTTP", "true".to_owned()),
+            ("AZURE_STORAGE_ACCOUNT_NAME", "devstoreaccount1".to_owned()),
+            ("AZURE_STORAGE_ACCOUNT_KEY", AZURITE_ACCOUNT_KEY.to_owned()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (format!("{prefix}{k}"), v))
+        .collect()
+    }
+
+    /// Where anonymous readers reach `container`.
+    pub fn container_url(&self, container: &str) -> String {
+        format!(
+            "http://127.0.0.1:{}/devstoreaccount1/{container}",
+            self.port
+        )
+    }
+
+    /// Anonymous GET of `key` in `container`: what a CDN (or anyone) reads.
+    pub fn public_get(&self, container: &str, key: &str) -> Response {
+        http(
+            "GET",
+            &format!(
+                "http://127.0.0.1:{}/devstoreaccount1/{container}/{key}",
+                self.port
+            ),
+            &[],
+            b"",
+        )
+    }
+
+    fn create_container_with(&self, container: &str, public: bool) {
         use base64::Engine;
         use hmac::Mac;
         let account = "devstoreaccount1";
@@ -1040,8 +1089,13 @@ impl Azurite {
         // VERB, 11 standard headers (all empty; Content-Length is empty for 0 since 2015-02-21),
         // canonicalized x-ms- headers, canonicalized resource (the emulator's path repeats the
         // account).
+        let access = if public {
+            "x-ms-blob-public-access:blob\n"
+        } else {
+            ""
+        };
         let string_to_sign = format!(
-            "PUT\n\n\n\n\n\n\n\n\n\n\n\nx-ms-date:{date}\nx-ms-version:{version}\n/{account}/{account}/{container}\nrestype:container"
+            "PUT\n\n\n\n\n\n\n\n\n\n\n\n{access}x-ms-date:{date}\nx-ms-version:{version}\n/{account}/{account}/{container}\nrestype:container"
         );
         let key = base64::engine::general_purpose::STANDARD
             .decode(AZURITE_ACCOUNT_KEY)
@@ -1058,10 +1112,14 @@ impl Azurite {
                 self.port
             ),
             &[
-                ("x-ms-date", &date),
+                ("x-ms-date", date.as_str()),
                 ("x-ms-version", version),
-                ("Authorization", &auth),
-            ],
+                ("Authorization", auth.as_str()),
+                ("x-ms-blob-public-access", if public { "blob" } else { "" }),
+            ]
+            .into_iter()
+            .filter(|(_, v)| !v.is_empty())
+            .collect::<Vec<(&str, &str)>>(),
             b"",
         );
         assert_eq!(
@@ -1137,10 +1195,21 @@ impl Stack {
 
     /// A stack whose gitstore and agent share container `container` of `az`.
     pub fn start_on_azurite(az: &Azurite, container: &str, agent_args: &[&str]) -> Self {
+        Self::start_on_azurite_with_env(az, container, agent_args, &[])
+    }
+
+    /// [`Stack::start_on_azurite`] with more environment for both daemons.
+    pub fn start_on_azurite_with_env(
+        az: &Azurite,
+        container: &str,
+        agent_args: &[&str],
+        env: &[(String, String)],
+    ) -> Self {
+        let env = az.env().into_iter().chain(env.iter().cloned()).collect();
         Self::start_full(
             agent_args,
             &[],
-            Some((format!("az://{container}"), az.env())),
+            Some((format!("az://{container}"), env)),
             None,
         )
     }
@@ -1685,6 +1754,21 @@ fn spawn_agent(
         cmd.args(["--preview-url", "http://127.0.0.1:9/"]);
     }
     cmd.spawn().expect("starting kiln-agent")
+}
+
+/// The asset names a published index.html loads from `<base>assets/`.
+pub fn referenced_assets(index: &str, base: &str) -> Vec<String> {
+    let prefix = format!("{base}assets/");
+    index
+        .match_indices(&prefix)
+        .map(|(i, _)| {
+            index[i + prefix.len()..]
+                .split(['"', '\''])
+                .next()
+                .unwrap()
+                .to_owned()
+        })
+        .collect()
 }
 
 /// A new repository at `path` holding the Vite + React + TypeScript fixture app

@@ -28,21 +28,6 @@ fn js_of(dir: &Path) -> String {
         .collect()
 }
 
-/// The asset names a published index.html loads from `<base>assets/`.
-fn referenced_assets(index: &str, base: &str) -> Vec<String> {
-    let prefix = format!("{base}assets/");
-    index
-        .match_indices(&prefix)
-        .map(|(i, _)| {
-            index[i + prefix.len()..]
-                .split(['"', '\''])
-                .next()
-                .unwrap()
-                .to_owned()
-        })
-        .collect()
-}
-
 fn post_json(stack: &Stack, path: &str, token: &str, body: &str) -> Response {
     let auth = format!("Bearer {token}");
     http(
