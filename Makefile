@@ -15,6 +15,7 @@ test: deps-test
 	shellcheck provisioning/*.sh systemd/*.sh .ci/run
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	$(CARGO) test --workspace
+	bash systemd/vm-test.sh
 
 bench: deps-test
 	$(CARGO) bench -p kiln-gitstore --bench push

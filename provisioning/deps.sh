@@ -2,7 +2,8 @@
 # Installs what Kiln needs on Debian/Ubuntu, skipping what is already there.
 #   deps.sh        what `make up` needs: git, curl, openssl, util-linux (unshare), Node.js, pnpm, nginx
 #   deps.sh test   also what the tests need: Azurite, the JavaScript git clients, Chromium,
-#                  debootstrap (install.sh runs in a fresh Debian root) and shellcheck
+#                  debootstrap (install.sh runs in a fresh Debian root), qemu (systemd/vm-test.sh)
+#                  and shellcheck
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PNPM_VERSION=10.34.9
@@ -22,6 +23,8 @@ if [ "${1:-}" = test ]; then
   [ -x /usr/bin/chromium ] || need_apt+=(chromium)
   command -v debootstrap >/dev/null || [ -x /usr/sbin/debootstrap ] || need_apt+=(debootstrap)
   command -v shellcheck >/dev/null || need_apt+=(shellcheck)
+  # systemd/vm-test.sh boots the production platform in a VM (software emulation).
+  command -v qemu-system-x86_64 >/dev/null || need_apt+=(qemu-system-x86)
 fi
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "installing ${need_apt[*]}" >&2

@@ -48,6 +48,9 @@ ENV_FILE=/etc/kiln/kiln.env
 TOKEN_FILE=/etc/kiln/admin-token
 LIB=/usr/local/lib/kiln
 GITSTORE_DIR=/var/lib/kiln-gitstore
+# A blob store on this machine's disk (file://) lives here: the one path both units may write
+# (ReadWritePaths= in systemd/kiln-gitstore.service and kiln-agent.service).
+LOCAL_STORE_DIR=/var/lib/kiln-store
 AGENT_DIR=/var/lib/kiln-agent
 BINARIES=(kiln-gitstore kiln-agent kiln)
 units_changed=0
@@ -536,7 +539,7 @@ fi
 say "settings ($ENV_FILE)"
 ensure_dir /etc/kiln 0755 root:root
 store_url=${KILN_STORE_URL:-}
-[ -n "$store_url" ] || [ -f "$ENV_FILE" ] || store_url=file://$GITSTORE_DIR/store
+[ -n "$store_url" ] || [ -f "$ENV_FILE" ] || store_url=file://$LOCAL_STORE_DIR
 if [ -n "$store_url" ]; then
   case $store_url in
     az://* | azure://* | abfs://* | abfss://*)
@@ -552,6 +555,13 @@ if [ -n "$store_url" ]; then
       ;;
     s3://* | gs://*) ok "blob store $store_url" ;;
     file:///* | /*)
+      store_path=${store_url#file://}
+      case ${store_path%/}/ in
+        "$LOCAL_STORE_DIR"/*) ;;
+        *) die "KILN_STORE_URL=$store_url is on this machine's disk outside $LOCAL_STORE_DIR, which the units cannot write" \
+          "use KILN_STORE_URL=file://$LOCAL_STORE_DIR (or a directory under it), or a cloud store" ;;
+      esac
+      ensure_dir "$LOCAL_STORE_DIR" 0700 kiln:kiln
       warn "the blob store $store_url is on this machine's disk: pushes are lost with it. Production: KILN_STORE_URL=az://<container>"
       ;;
     *) die "KILN_STORE_URL=$store_url is not az://, s3://, gs://, file:// or an absolute path" ;;

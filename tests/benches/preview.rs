@@ -428,6 +428,9 @@ struct WatchFloor {
 impl WatchFloor {
     fn start(dir: &Path, vite_pkg: &Path) -> Self {
         let driver = Path::new(env!("CARGO_MANIFEST_DIR")).join("../agent/src/warm.mjs");
+        // A previous engine's floor left its done-<n> outputs here, which this one's would
+        // not replace.
+        let _ = std::fs::remove_dir_all(dir.join("dist-watch"));
         let mut child = Command::new("node")
             .arg(driver)
             .arg(vite_pkg)
@@ -472,7 +475,9 @@ impl WatchFloor {
 
     fn until_end(&mut self) {
         let end = self.until(|e| e["ev"] == "end");
-        self.out = PathBuf::from(end["out"].as_str().expect("the build's output directory"));
+        // Named under the outDir it was given.
+        let name = end["out"].as_str().expect("the build's output directory");
+        self.out = self.dir.join("dist-watch").join(name);
     }
 
     fn until(&self, mut done: impl FnMut(&serde_json::Value) -> bool) -> serde_json::Value {

@@ -37,7 +37,7 @@ const MIRROR: &str = "http://deb.debian.org/debian";
 const ORIGINS: &str = "https://app.example.com https://admin.example.com";
 const CHROOT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 /// What the second run's listing covers: everything install.sh writes, and more.
-const WATCHED: [&str; 14] = [
+const WATCHED: [&str; 15] = [
     "etc/kiln",
     "etc/systemd/system",
     "usr/local/bin",
@@ -45,6 +45,7 @@ const WATCHED: [&str; 14] = [
     "usr/lib/sysusers.d",
     "var/lib/kiln-agent",
     "var/lib/kiln-gitstore",
+    "var/lib/kiln-store",
     "etc/ufw",
     "etc/default/ufw",
     "etc/apt",
@@ -569,6 +570,8 @@ fn install_sh_provisions_a_fresh_debian_and_a_second_run_changes_nothing() {
     let kiln_uid: u32 = kiln[2].parse().expect("uid");
     let build_uid: u32 = build[2].parse().expect("uid");
     assert_mode(&rootfs.join("var/lib/kiln-gitstore"), &[0o700], kiln_uid);
+    // The default store, on this disk, where both units may write.
+    assert_mode(&rootfs.join("var/lib/kiln-store"), &[0o700], kiln_uid);
     assert_mode(&rootfs.join("var/lib/kiln-agent"), &[0o711], 0);
     assert_mode(&rootfs.join("var/lib/kiln-agent/www"), &[0o755], 0);
     assert_mode(
