@@ -148,9 +148,10 @@ fn units_have_the_hardening_the_deployment_relies_on() {
     assert_eq!(one(&s, unit, "User"), "kiln");
     assert_eq!(one(&s, unit, "StateDirectory"), "kiln-gitstore");
     assert!(one(&s, unit, "Environment").contains("KILN_GITSTORE_DATA=/var/lib/kiln-gitstore"));
-    assert!(
-        !s.contains_key("ReadWritePaths"),
-        "only the state directory is writable"
+    assert_eq!(
+        one(&s, unit, "ReadWritePaths"),
+        "-/var/lib/kiln-store",
+        "writable: the state directory and a blob store on this disk, nothing else"
     );
     assert_eq!(one(&s, unit, "CapabilityBoundingSet"), "");
     assert_eq!(
@@ -186,6 +187,8 @@ fn units_have_the_hardening_the_deployment_relies_on() {
     );
     assert_eq!(one(&s, unit, "OOMPolicy"), "continue");
     assert_eq!(one(&s, unit, "StateDirectory"), "kiln-agent");
+    // It writes each project's build state into the store, when that is on this disk too.
+    assert_eq!(one(&s, unit, "ReadWritePaths"), "-/var/lib/kiln-store");
     let env = one(&s, unit, "Environment");
     assert!(
         env.contains("KILN_AGENT_STATE=/var/lib/kiln-agent"),
