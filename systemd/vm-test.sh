@@ -233,6 +233,15 @@ for _ in $(seq 1 90); do
 done
 check "a frozen gitstore is restarted by the watchdog" \
   "journalctl -u kiln-gitstore -o cat --no-pager | grep -q \"Failed with result 'watchdog'\" && systemctl is-active -q kiln-gitstore"
+old=$(systemctl show -p MainPID --value kiln-agent)
+kill -STOP "$old"
+for _ in $(seq 1 180); do
+  new=$(systemctl show -p MainPID --value kiln-agent)
+  [ "$new" != "$old" ] && [ "$new" != 0 ] && systemctl is-active -q kiln-agent && break
+  sleep 1
+done
+check "a frozen agent is restarted by the watchdog, and still serves its status" \
+  "journalctl -u kiln-agent -o cat --no-pager | grep -q \"Failed with result 'watchdog'\" && systemctl is-active -q kiln-agent && [ \"\$(curl -s -H 'Authorization: Bearer $TOKEN' 127.0.0.1:7080/status/shop | json state)\" = ready ]"
 say "unit journal at warning and above (the watchdog lines are expected):"
 journalctl -u kiln-gitstore -u kiln-agent -u kiln-nginx -p warning --no-pager -o cat | tail -20
 touch $mark/rebooted

@@ -247,6 +247,11 @@ impl Agent {
         for rel in pages {
             upload(rel).await?;
         }
+        // Deleted while this ran: what it uploaded after the deletion's listing goes too.
+        if self.is_gone(project) {
+            self.unmirror(project).await;
+            return Ok(());
+        }
         // What stays: the new build whole, and the hashed assets of the builds before it.
         let mut keep: BTreeSet<String> = files.keys().cloned().collect();
         for m in record.mirrored.iter().take(KEEP_ASSETS_OF - 1) {
