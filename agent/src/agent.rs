@@ -1230,6 +1230,17 @@ impl Agent {
             let Ok(id) = ProjectId::parse(&name) else {
                 continue;
             };
+            // A sync killed mid-way leaves ref locks that would fail every later one; no build
+            // or sync of ours runs yet.
+            match gitstore::sync::remove_stale_locks(&self.repo_path(&name)) {
+                Ok(0) => {}
+                Ok(n) => {
+                    log::warn!(project = name, locks = n; "removed lock files a killed git left in the repository")
+                }
+                Err(e) => {
+                    log::error!(project = name, error:% = e; "cannot remove stale lock files")
+                }
+            }
             let Some(st) = self.status(&name) else {
                 continue;
             };

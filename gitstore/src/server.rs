@@ -108,6 +108,22 @@ impl App {
         let hooks_dir = cfg.data_dir.join("hooks");
         std::fs::create_dir_all(cfg.data_dir.join("repos"))
             .map_err(io(format!("creating {}", cfg.data_dir.display())))?;
+        // A node killed mid-push leaves ref locks in its cache, which would refuse every sync
+        // of that project from then on; nothing of ours runs git in it yet.
+        for e in std::fs::read_dir(cfg.data_dir.join("repos"))
+            .map_err(io(format!("reading {}", cfg.data_dir.display())))?
+            .flatten()
+        {
+            match crate::sync::remove_stale_locks(&e.path()) {
+                Ok(0) => {}
+                Ok(n) => {
+                    log::warn!(repo:% = e.path().display(), locks = n; "removed lock files a killed git left")
+                }
+                Err(err) => {
+                    log::error!(repo:% = e.path().display(), error:% = err; "cannot remove stale lock files")
+                }
+            }
+        }
         std::fs::create_dir_all(&hooks_dir).map_err(io("creating hooks dir".into()))?;
         let hook = hooks_dir.join("pre-receive");
         let script = format!(

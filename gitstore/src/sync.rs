@@ -193,6 +193,41 @@ pub fn mark_synced(repo: &Path, from: u64, generation: u64) -> Result<bool, Sync
     Ok(true)
 }
 
+/// Removes the lock files a killed git left in a bare repository (`refs/**.lock`, `HEAD.lock`,
+/// `packed-refs.lock`, `config.lock`, `shallow.lock`), each of which would make every later ref
+/// update of it fail with "File exists". Call only when no git process can be working in it:
+/// at a daemon's start, its previous processes (children included) are gone. Returns how many
+/// it removed.
+pub fn remove_stale_locks(repo: &Path) -> std::io::Result<usize> {
+    let mut removed = 0;
+    for name in ["HEAD", "packed-refs", "config", "shallow"] {
+        match std::fs::remove_file(repo.join(format!("{name}.lock"))) {
+            Ok(()) => removed += 1,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+    }
+    let mut dirs = vec![repo.join("refs")];
+    while let Some(dir) = dirs.pop() {
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        for e in entries {
+            let e = e?;
+            let t = e.file_type()?;
+            if t.is_dir() {
+                dirs.push(e.path());
+            } else if e.file_name().to_string_lossy().ends_with(".lock") {
+                std::fs::remove_file(e.path())?;
+                removed += 1;
+            }
+        }
+    }
+    Ok(removed)
+}
+
 /// Sets the repository's refs and HEAD to the manifest's, in one `update-ref` transaction.
 async fn apply_refs(repo: &Path, m: &Manifest) -> Result<usize, SyncError> {
     let local: BTreeMap<String, String> = git::refs(repo).await?.into_iter().collect();
@@ -352,4 +387,79 @@ pub(crate) fn write_atomic(path: &Path, data: &[u8]) -> Result<(), SyncError> {
         sync_dir(dir)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn git(dir: &Path, args: &[&str]) -> std::process::Output {
+        std::process::Command::new("git")
+            .arg("-C")
+            .arg(dir)
+            .args(args)
+            .output()
+            .expect("git runs")
+    }
+
+    #[test]
+    fn a_lock_left_by_a_killed_git_is_removed_and_refs_update_again() {
+        let d = tempfile::tempdir().unwrap();
+        let repo = d.path().join("p.git");
+        assert!(git(d.path(), &["init", "-q", "--bare", "p.git"])
+            .status
+            .success());
+        let blob = git(&repo, &["hash-object", "-w", "--stdin"]);
+        let tree_in = format!(
+            "100644 blob {}\tf\n",
+            String::from_utf8_lossy(&blob.stdout).trim()
+        );
+        let mut mktree = std::process::Command::new("git")
+            .arg("-C")
+            .arg(&repo)
+            .arg("mktree")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write as _;
+        mktree
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(tree_in.as_bytes())
+            .unwrap();
+        let tree = mktree.wait_with_output().unwrap();
+        let commit = git(
+            &repo,
+            &[
+                "-c",
+                "user.name=t",
+                "-c",
+                "user.email=t@example.com",
+                "commit-tree",
+                String::from_utf8_lossy(&tree.stdout).trim(),
+                "-m",
+                "c",
+            ],
+        );
+        let commit = String::from_utf8_lossy(&commit.stdout).trim().to_owned();
+        std::fs::create_dir_all(repo.join("refs/heads/feature")).unwrap();
+        for lock in [
+            "refs/heads/main.lock",
+            "refs/heads/feature/x.lock",
+            "packed-refs.lock",
+        ] {
+            std::fs::write(repo.join(lock), "").unwrap();
+        }
+        let update = || git(&repo, &["update-ref", "refs/heads/main", &commit]);
+        let refused = update();
+        assert!(!refused.status.success());
+        assert!(String::from_utf8_lossy(&refused.stderr).contains("File exists"));
+
+        assert_eq!(remove_stale_locks(&repo).unwrap(), 3);
+        assert!(update().status.success());
+        assert_eq!(remove_stale_locks(&repo).unwrap(), 0);
+        assert!(git(&repo, &["fsck", "--no-progress"]).status.success());
+    }
 }
