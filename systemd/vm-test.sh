@@ -218,8 +218,10 @@ git push -q "http://kiln:$TOKEN@127.0.0.1:7070/git/bomb.git" main
 state=$(wait_state bomb "$TOKEN")
 err=$(curl -s -H "Authorization: Bearer $TOKEN" 127.0.0.1:7080/status/bomb | json error)
 say "fork bomb: $state: $(echo "$err" | tail -2 | tr '\n' ' ')"
+# Usually it fails once its script exits; sometimes pnpm's node, out of pids, hangs until the
+# build timeout. Either way the status says the process limit was reached.
 check "a fork bomb fails its build, saying the process limit stopped it" \
-  "[ '$state' = failed ] && echo \"\$err\" | grep -q 'limit of 1024 processes was reached'"
+  "{ [ '$state' = failed ] || [ '$state' = timed_out ]; } && echo \"\$err\" | grep -q 'limit of 1024 processes was reached'"
 check "the VM still forks and serves the other preview" "/bin/true && curl -fs 127.0.0.1/preview/shop/ >/dev/null"
 check "nothing of the bomb is left running" "! pgrep -u kiln-build -f 'sleep 8' >/dev/null"
 

@@ -1083,12 +1083,19 @@ async fn run_sandboxed(
     ));
     let limits = &spec.limits;
     let fail = |state, message: String| Err(Failure { state, message });
+    // A run that forked up to its limit may hang, not fail (node cannot start its threads):
+    // the timeout's message must still say why.
+    let pids_note = if outcome.pids_limit_hit {
+        format!("\n(the limit of {} processes was reached)", limits.pids)
+    } else {
+        String::new()
+    };
     match outcome.exit {
         Exit::Code(0) => Ok(()),
         Exit::TimedOut => fail(
             State::TimedOut,
             format!(
-                "{what} timed out after {}s and was killed",
+                "{what} timed out after {}s and was killed{pids_note}",
                 limits.timeout.as_secs()
             ),
         ),
@@ -1105,12 +1112,7 @@ async fn run_sandboxed(
                 "{what} {}",
                 tail.summary(c, matches!(outcome.exit, Exit::Signal(_)))
             );
-            if outcome.pids_limit_hit {
-                message.push_str(&format!(
-                    "\n(the limit of {} processes was reached)",
-                    limits.pids
-                ));
-            }
+            message.push_str(&pids_note);
             fail(State::Failed, message)
         }
     }
